@@ -1,0 +1,1 @@
+"""Budget: exact InternVL tiling, per-sample tile and token costs, repeat factors, mixtures."""

@@ -1,0 +1,1 @@
+"""Ingest: InternVL meta JSON + JSONL (or Parquet) annotations into normalised sample rows."""

@@ -1,0 +1,189 @@
+"""The ingest stage: annotation files -> ``samples/`` shards + ``ledger/ingest``.
+
+Planning reads each annotation file once to find its lines, cut it into shards of
+``shard_lines`` lines, and mark exact duplicate lines (same sample id) so that the first
+occurrence is kept wherever the shards are processed. Each shard then parses its lines
+independently (in parallel when asked) and is committed atomically by ``curate.run``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from curate.budget.images import DEFAULT_MAX_IMAGE_PIXELS
+from curate.ingest.meta import DatasetSpec, load_meta
+from curate.ingest.normalize import DEFAULT_MAX_LINE_BYTES, parse_line
+from curate.io import read_json, write_json_atomic
+from curate.records import SAMPLE_SCHEMA, LedgerEntry, ledger_table, sample_id
+from curate.run import RunFolder, ShardResult, StageSummary, run_shards
+
+STAGE = "ingest"
+DEFAULT_SHARD_LINES = 50_000
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    shard_lines: int = DEFAULT_SHARD_LINES  # annotation lines per output shard
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are decompression bombs
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # longer lines are rejected unparsed
+    workers: int = 1  # processes parsing shards in parallel
+
+
+@dataclass
+class ShardTask:
+    spec: DatasetSpec
+    first_line: int  # 1-based number of the shard's first line
+    lines: int
+    byte_start: int | None  # JSONL: where the shard starts; Parquet: None
+    duplicates: dict[int, int] = field(default_factory=dict)  # line -> first line with same id
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _read_lines(spec: DatasetSpec) -> tuple[list[bytes], list[bool]]:
+    """All lines of an annotation file as bytes, and whether each ended in CRLF.
+
+    Parquet rows become canonical JSON lines, so both formats share one parser.
+    """
+    path = Path(spec.annotation)
+    if path.suffix == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+        lines = [orjson.dumps(r, option=orjson.OPT_SORT_KEYS) for r in rows]
+        return lines, [False] * len(lines)
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # a final newline ends the last line; it does not start another
+    crlf = [ln.endswith(b"\r") for ln in lines]
+    return [ln[:-1] if c else ln for ln, c in zip(lines, crlf, strict=True)], crlf
+
+
+def _duplicates(spec: DatasetSpec, lines: list[bytes]) -> dict[int, int]:
+    """Map each duplicate line number to the first line with the same content (same id)."""
+    prefix = spec.name.encode() + b"\x00"
+    hashes = np.fromiter(
+        (xxhash.xxh3_64_intdigest(prefix + ln.strip()) for ln in lines), dtype=np.uint64, count=len(lines)
+    )
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    first_of = first[inverse]
+    blank = np.fromiter((not ln.strip() for ln in lines), dtype=bool, count=len(lines))
+    dup = np.nonzero((first_of != np.arange(len(lines))) & ~blank)[0]
+    return {int(i) + 1: int(first_of[i]) + 1 for i in dup}
+
+
+def _line_starts(lines: list[bytes], crlf: list[bool]) -> np.ndarray:
+    sizes = np.fromiter((len(ln) + 1 + c for ln, c in zip(lines, crlf, strict=True)), dtype=np.int64,
+                        count=len(lines))
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(lines) else np.zeros(0, np.int64)
+
+
+def plan(specs: list[DatasetSpec], shard_lines: int) -> tuple[dict[str, ShardTask], dict[str, int]]:
+    """Cut every dataset into shard tasks; also return each dataset's line count."""
+    tasks: dict[str, ShardTask] = {}
+    line_counts: dict[str, int] = {}
+    for spec in specs:
+        lines, crlf = _read_lines(spec)
+        starts = _line_starts(lines, crlf)
+        line_counts[spec.name] = len(lines)
+        dups = _duplicates(spec, lines)
+        is_jsonl = not spec.annotation.endswith(".parquet")
+        for k, start in enumerate(range(0, max(len(lines), 1), shard_lines)):
+            n = min(shard_lines, len(lines) - start)
+            shard_dups = {ln: f for ln, f in dups.items() if start < ln <= start + n}
+            byte_start = int(starts[start]) if is_jsonl and n > 0 else None
+            tasks[f"{_slug(spec.name)}-{k:05d}"] = ShardTask(spec, start + 1, n, byte_start, shard_dups)
+    return tasks, line_counts
+
+
+def _shard_lines(task: ShardTask) -> list[bytes]:
+    """The task's lines: JSONL files are read from the shard's byte offset, not from the top."""
+    if task.lines == 0:
+        return []
+    if task.byte_start is None:
+        lines, _ = _read_lines(task.spec)
+        return lines[task.first_line - 1 : task.first_line - 1 + task.lines]
+    out = []
+    with open(task.spec.annotation, "rb") as f:
+        f.seek(task.byte_start)
+        for _ in range(task.lines):
+            out.append(f.readline().rstrip(b"\n").removesuffix(b"\r"))
+    return out
+
+
+def process_shard(tasks: dict[str, ShardTask], options: IngestOptions, shard: str) -> ShardResult:
+    """Parse one shard's lines into sample rows and ledger entries."""
+    task = tasks[shard]
+    spec = task.spec
+    lines = _shard_lines(task)
+    rows: list[dict] = []
+    entries: list[LedgerEntry] = []
+    rejected_lines: set[int] = set()
+    for offset, line in enumerate(lines):
+        number = task.first_line + offset
+        sid = sample_id(spec.name, line)
+        if number in task.duplicates:
+            entries.append(LedgerEntry(sid, spec.name, number, STAGE, "duplicate_sample",
+                                       detail=f"same content as line {task.duplicates[number]}"))
+            rejected_lines.add(number)
+            continue
+        parsed = parse_line(line, spec, max_image_pixels=options.max_image_pixels,
+                            max_line_bytes=options.max_line_bytes)
+        if parsed.row is None:
+            rejected_lines.add(number)
+            for p in parsed.problems:
+                entries.append(LedgerEntry(sid, spec.name, number, STAGE, p.rule, "reject",
+                                           _float(p.value), _float(p.threshold),
+                                           f"{spec.annotation}:{number}: {p.detail}"))
+            continue
+        rows.append({"sample_id": sid, "dataset": spec.name, "line": number, **parsed.row})
+    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    return ShardResult(
+        outputs={"samples": table},
+        ledger=ledger_table(entries),
+        rows_in=len(lines),
+        rows_kept=len(rows),
+        rows_rejected=len(rejected_lines),
+        rows_by_dataset={spec.name: [len(lines), len(rows), len(rejected_lines)]},
+    )
+
+
+def _float(x: float | None) -> float | None:
+    return None if x is None else float(x)
+
+
+def save_run_info(run: RunFolder, meta: str, specs: list[DatasetSpec], line_counts: dict[str, int]) -> None:
+    info_path = run.path / "run.json"
+    info = read_json(info_path) if info_path.exists() else {}
+    info.update({
+        "meta": str(Path(meta).resolve()),
+        "datasets": {s.name: {**s.to_dict(), "lines": line_counts[s.name]} for s in specs},
+    })
+    write_json_atomic(info, info_path)
+
+
+def load_datasets(run: RunFolder) -> dict[str, dict]:
+    """Dataset specs (plus line counts) recorded by ingest in run.json."""
+    info_path = run.path / "run.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"{run.path} has no run.json: run `curate ingest` (or budget) first")
+    return read_json(info_path)["datasets"]
+
+
+def ingest(meta: str, run: RunFolder, options: IngestOptions = IngestOptions(),
+           on_shard=None) -> StageSummary:
+    """Ingest every dataset of a meta JSON into the run folder; finished shards are skipped."""
+    specs = load_meta(meta)
+    tasks, line_counts = plan(specs, options.shard_lines)
+    save_run_info(run, meta, specs, line_counts)
+    process = partial(process_shard, tasks, options)
+    return run_shards(run, STAGE, list(tasks), process, workers=options.workers, on_shard=on_shard)
