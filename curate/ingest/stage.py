@@ -19,23 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from curate.budget.images import DEFAULT_MAX_IMAGE_PIXELS
+from curate.ingest.config import IngestConfig
 from curate.ingest.meta import DatasetSpec, load_meta
-from curate.ingest.normalize import DEFAULT_MAX_LINE_BYTES, parse_line
+from curate.ingest.normalize import parse_line
 from curate.io import read_json, write_json_atomic
 from curate.records import SAMPLE_SCHEMA, LedgerEntry, ledger_table, sample_id
 from curate.run import RunFolder, ShardResult, StageSummary, run_shards
 
 STAGE = "ingest"
-DEFAULT_SHARD_LINES = 50_000
-
-
-@dataclass(frozen=True)
-class IngestOptions:
-    shard_lines: int = DEFAULT_SHARD_LINES  # annotation lines per output shard
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are decompression bombs
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # longer lines are rejected unparsed
-    workers: int = 1  # processes parsing shards in parallel
 
 
 @dataclass
@@ -120,7 +111,7 @@ def _shard_lines(task: ShardTask) -> list[bytes]:
     return out
 
 
-def process_shard(tasks: dict[str, ShardTask], options: IngestOptions, shard: str) -> ShardResult:
+def process_shard(tasks: dict[str, ShardTask], options: IngestConfig, shard: str) -> ShardResult:
     """Parse one shard's lines into sample rows and ledger entries."""
     task = tasks[shard]
     spec = task.spec
@@ -179,9 +170,23 @@ def load_datasets(run: RunFolder) -> dict[str, dict]:
     return read_json(info_path)["datasets"]
 
 
-def ingest(meta: str, run: RunFolder, options: IngestOptions = IngestOptions(),
+def plan_size(meta: str, shard_lines: int) -> int:
+    """How many shards ingest will have (for a progress bar), from line counts alone."""
+    total = 0
+    for spec in load_meta(meta):
+        if spec.annotation.endswith(".parquet"):
+            n = pq.ParquetFile(spec.annotation).metadata.num_rows
+        else:
+            data = Path(spec.annotation).read_bytes()
+            n = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+        total += max(1, -(-n // shard_lines))
+    return total
+
+
+def ingest(meta: str, run: RunFolder, options: IngestConfig | None = None,
            on_shard=None) -> StageSummary:
     """Ingest every dataset of a meta JSON into the run folder; finished shards are skipped."""
+    options = options or IngestConfig()
     specs = load_meta(meta)
     tasks, line_counts = plan(specs, options.shard_lines)
     save_run_info(run, meta, specs, line_counts)

@@ -1,0 +1,172 @@
+"""The budget stage: every kept sample's tiles, visual tokens and text tokens, then repeat copies.
+
+Image sizes were read from file headers at ingest, so this stage decodes no pixel. Text tokens
+come from the real tokenizer over the ``internvl2_5`` template, each ``<image>`` counted as
+``<img></img>`` here and its 256·tiles ``<IMG_CONTEXT>`` tokens added as visual tokens — the
+same total the pack stage gets by tokenising the expanded text.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from curate.budget.config import BudgetConfig
+from curate.budget.costs import TilingParams, grid_tiles, image_grids
+from curate.budget.repeat import internvl_copies, solve_repeat_factors, stable_copies
+from curate.budget.tiling import tokens_per_tile
+from curate.chat import segments
+from curate.ingest.stage import load_datasets
+from curate.io import write_json_atomic, write_parquet_atomic
+from curate.records import ledger_table
+from curate.run import RunFolder, ShardResult, StageSummary, run_shards
+
+STAGE = "budget"
+GRID_TYPE = pa.struct([("cols", pa.int16()), ("rows", pa.int16()), ("thumbnail", pa.bool_())])
+BUDGET_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("dataset", pa.string()),
+    ("line", pa.int64()),
+    ("n_images", pa.int32()),
+    ("grids", pa.list_(GRID_TYPE)),  # per image (per sampled frame for video), in order
+    ("frame_indices", pa.list_(pa.int32())),  # video: which frames are used
+    ("tiles", pa.int32()),
+    ("visual_tokens", pa.int32()),  # 256 per tile + <img></img> per image
+    ("text_tokens", pa.int32()),
+    ("total_tokens", pa.int32()),
+])
+COPIES_SCHEMA = pa.schema([("sample_id", pa.string()), ("dataset", pa.string()),
+                           ("copies", pa.int32())])
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer from a local directory (never from a hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _cached_tokenizer(path: str):
+    # One load per process: worker processes reuse it across shards.
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def _tiling_for(dataset: dict, cfg: BudgetConfig) -> TilingParams:
+    return TilingParams(
+        max_tiles=dataset.get("max_dynamic_patch") or cfg.max_dynamic_patch,
+        min_tiles=dataset.get("min_dynamic_patch") or cfg.min_dynamic_patch,
+        image_size=cfg.image_size,
+        use_thumbnail=cfg.use_thumbnail,
+        video_frames=cfg.video_frames,
+    )
+
+
+def budget_rows(rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer) -> list[dict]:
+    """Budget columns for sample rows (one tokenizer call for the whole batch)."""
+    per_tile = tokens_per_tile(cfg.image_size)
+    out, all_segments, owner = [], [], []
+    for i, row in enumerate(rows):
+        grids, frames = image_grids(row["images"], row["kind"], _tiling_for(datasets[row["dataset"]], cfg))
+        segs = segments(row["conversations"], [0] * len(grids), system_prompt=cfg.system_prompt,
+                        n_video_frames=len(frames))
+        all_segments += [text for _, text in segs]
+        owner += [i] * len(segs)
+        tiles = sum(grid_tiles(g) for g in grids)
+        out.append({
+            "sample_id": row["sample_id"], "dataset": row["dataset"], "line": row["line"],
+            "n_images": len(grids), "grids": grids, "frame_indices": frames, "tiles": tiles,
+            "visual_tokens": per_tile * tiles + 2 * len(grids),
+        })
+    lengths = [len(ids) for ids in tokenizer(all_segments).input_ids] if all_segments else []
+    text = np.bincount(np.asarray(owner, dtype=np.int64), weights=lengths, minlength=len(rows))
+    for i, r in enumerate(out):
+        r["text_tokens"] = int(text[i]) - 2 * r["n_images"]  # <img></img> counted as visual
+        r["total_tokens"] = r["text_tokens"] + r["visual_tokens"]
+    return out
+
+
+def process_shard(run: RunFolder, datasets: dict, cfg: BudgetConfig, tokenizer_path: str,
+                  shard: str) -> ShardResult:
+    rows = run.read("samples", [shard]).to_pylist()
+    budget = budget_rows(rows, datasets, cfg, _cached_tokenizer(tokenizer_path))
+    by_ds: dict[str, list[int]] = {}
+    for r in rows:
+        c = by_ds.setdefault(r["dataset"], [0, 0, 0])
+        c[0] += 1
+        c[1] += 1
+    return ShardResult(
+        outputs={"budget": pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA)},
+        ledger=ledger_table([]),
+        rows_in=len(rows), rows_kept=len(rows), rows_rejected=0, rows_by_dataset=by_ds,
+    )
+
+
+def repeat_factors(run: RunFolder, cfg: BudgetConfig, costs: pl.DataFrame) -> dict[str, float]:
+    datasets = load_datasets(run)
+    if cfg.target_tokens is None:
+        return {name: float(d["repeat_time"]) for name, d in datasets.items()}
+    tokens = costs.group_by("dataset").agg(pl.col("total_tokens").sum())
+    per_ds = {name: 0 for name in datasets} | dict(tokens.iter_rows())
+    return solve_repeat_factors(per_ds, cfg.target_tokens, cfg.weights)
+
+
+def compute_copies(run: RunFolder, cfg: BudgetConfig) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Copies of every budgeted sample under the configured repeat mode; written to repeat/."""
+    costs = pl.from_arrow(run.read("budget", schema=BUDGET_SCHEMA).select(
+        ["sample_id", "dataset", "line", "total_tokens"]))
+    r = repeat_factors(run, cfg, costs)
+    lines = {n: d["lines"] for n, d in load_datasets(run).items()}
+    parts = []
+    for (name,), part in costs.group_by(["dataset"], maintain_order=True):
+        if cfg.repeat_mode == "internvl":
+            copies = internvl_copies(part["line"].to_numpy(), lines[name], r[name])
+        else:
+            copies = stable_copies(part["sample_id"].to_list(), r[name], cfg.seed)
+        parts.append(part.select("sample_id", "dataset").with_columns(copies=pl.Series(copies)))
+    table = pl.concat(parts) if parts else pl.DataFrame(schema={"sample_id": pl.String,
+                                                                 "dataset": pl.String,
+                                                                 "copies": pl.Int32})
+    write_parquet_atomic(table.to_arrow().cast(COPIES_SCHEMA), run.path / "repeat" / "copies.parquet")
+    return table, r
+
+
+def budget_table(run: RunFolder, r: dict[str, float]) -> list[dict]:
+    """Per-dataset totals: samples kept/rejected, images, tiles, tokens, r, effective tokens."""
+    costs = pl.from_arrow(run.read("budget", schema=BUDGET_SCHEMA).drop(["grids", "frame_indices"]))
+    copies = pl.read_parquet(run.path / "repeat" / "copies.parquet")
+    df = costs.join(copies.select("sample_id", "copies"), on="sample_id", how="left")
+    agg = df.group_by("dataset").agg(
+        pl.len().alias("samples"), pl.col("n_images").sum().alias("images"),
+        pl.col("tiles").sum(), pl.col("visual_tokens").sum(), pl.col("text_tokens").sum(),
+        pl.col("copies").sum(),
+        (pl.col("total_tokens") * pl.col("copies")).sum().alias("effective_tokens"),
+    )
+    by_name = {row["dataset"]: row for row in agg.iter_rows(named=True)}
+    ingest = (run.stats("ingest") or {}).get("by_dataset", {})
+    table = []
+    for name in load_datasets(run):
+        row = by_name.get(name, {"samples": 0, "images": 0, "tiles": 0, "visual_tokens": 0,
+                                 "text_tokens": 0, "copies": 0, "effective_tokens": 0})
+        rejected = ingest.get(name, [0, 0, 0])[2]
+        table.append({"dataset": name, **{k: v for k, v in row.items() if k != "dataset"},
+                      "rejected": rejected, "repeat_time": round(r.get(name, 0.0), 4)})
+    return table
+
+
+def run_budget(run: RunFolder, cfg: BudgetConfig, tokenizer: str, on_shard=None) -> StageSummary:
+    """Budget every ingested shard, then decide repeat copies and write stats/budget_table.json."""
+    datasets = load_datasets(run)
+    process = partial(process_shard, run, datasets, cfg, str(tokenizer))
+    summary = run_shards(run, STAGE, run.shards("samples"), process, workers=cfg.workers,
+                         on_shard=on_shard)
+    _, r = compute_copies(run, cfg)
+    write_json_atomic(budget_table(run, r), run.path / "stats" / "budget_table.json")
+    return summary

@@ -1,0 +1,93 @@
+"""Pipeline files (YAML), validated with clear errors: unknown keys, wrong types, missing paths.
+
+Relative paths in a pipeline file are resolved against the directory ``curate`` is run from.
+Each stage's section is its own pydantic model (``extra="forbid"``), defined beside the stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from curate.budget.config import BudgetConfig
+from curate.ingest.config import IngestConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoConfig(Strict):
+    """Build the demo mixture and tiny models into ``dir`` first, when they are missing."""
+
+    dir: Path
+    seed: int = 0
+    scale: int = Field(1, ge=1, description="multiplies the number of samples per dataset")
+
+
+class ModelsConfig(Strict):
+    tokenizer: Path | None = Field(None, description="local HF tokenizer dir (internvl2_5 template)")
+    judge: Path | None = Field(None, description="local HF LLM dir that scores samples")
+
+
+class StagesConfig(Strict):
+    """Stages in the order they run; a stage left out (or null) is not run."""
+
+    ingest: IngestConfig | None = None
+    budget: BudgetConfig | None = None
+
+
+class PipelineConfig(Strict):
+    run: Path = Field(description="run folder every stage reads and writes")
+    meta: Path = Field(description="InternVL meta JSON naming the datasets")
+    executor: Literal["local"] = "local"
+    demo: DemoConfig | None = None
+    models: ModelsConfig = ModelsConfig()
+    stages: StagesConfig
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> PipelineConfig:
+        # The demo section creates the meta file and models; otherwise they must already exist.
+        if self.demo is None:
+            missing = [f"{name}: {p}" for name, p in self.paths_to_check() if not p.exists()]
+            if missing:
+                raise ValueError("missing paths: " + "; ".join(missing))
+        return self
+
+    def paths_to_check(self) -> list[tuple[str, Path]]:
+        found = [("meta", self.meta)]
+        found += [(f"models.{k}", v) for k, v in self.models if v is not None]
+        return found
+
+
+class PipelineError(ValueError):
+    """A pipeline file that cannot be run; the message names every problem."""
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid pipeline file"]
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML file; raises PipelineError with every problem listed."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"pipeline file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: a pipeline file is a mapping of settings")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise PipelineError(_format(e, str(path))) from e

@@ -1,0 +1,77 @@
+"""``curate run PIPELINE``: run the configured stages in order in one run folder.
+
+Each stage skips the shards it already finished, so rerunning a pipeline after a crash (or
+after adding a stage) does only the missing work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from curate.config import PipelineConfig
+from curate.console import console, rules_table, shard_progress, summary_table
+from curate.run import RunFolder, StageSummary
+
+
+@dataclass
+class PipelineContext:
+    config: PipelineConfig
+    run: RunFolder
+
+
+def run_ingest(ctx: PipelineContext) -> StageSummary:
+    from curate.ingest.stage import ingest, plan_size
+
+    cfg = ctx.config.stages.ingest
+    with shard_progress("ingest", plan_size(ctx.config.meta, cfg.shard_lines)) as on_shard:
+        return ingest(str(ctx.config.meta), ctx.run, cfg, on_shard=on_shard)
+
+
+def run_budget_stage(ctx: PipelineContext) -> StageSummary:
+    from curate.budget.stage import run_budget
+    from curate.console import budget_rich_table
+    from curate.io import read_json
+
+    if ctx.config.models.tokenizer is None:
+        raise ValueError("the budget stage needs models.tokenizer in the pipeline file")
+    with shard_progress("budget", len(ctx.run.shards("samples"))) as on_shard:
+        summary = run_budget(ctx.run, ctx.config.stages.budget, ctx.config.models.tokenizer,
+                             on_shard=on_shard)
+    console.print(budget_rich_table(read_json(ctx.run.path / "stats" / "budget_table.json")))
+    return summary
+
+
+# Stage name -> runner, in pipeline order.
+STAGE_RUNNERS: dict[str, Callable[[PipelineContext], StageSummary]] = {
+    "ingest": run_ingest,
+    "budget": run_budget_stage,
+}
+
+
+def prepare_demo(config: PipelineConfig) -> None:
+    from curate.demo.data import make_demo, make_demo_models
+
+    demo = config.demo
+    if not (demo.dir / "meta.json").exists():
+        console.print(f"building demo data in {demo.dir}")
+        make_demo(demo.dir, seed=demo.seed, scale=demo.scale)
+    make_demo_models(demo.dir, judge=True)
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, StageSummary]:
+    """Run every configured stage in order; returns each stage's summary."""
+    if config.demo is not None:
+        prepare_demo(config)
+    ctx = PipelineContext(config, RunFolder(config.run))
+    summaries = {}
+    with ctx.run.lock():
+        for name, runner in STAGE_RUNNERS.items():
+            if getattr(config.stages, name, None) is None:
+                continue
+            summaries[name] = summary = runner(ctx)
+            if name != "budget":
+                console.print(summary_table(summary))
+            if summary.by_rule:
+                console.print(rules_table(summary))
+    return summaries
