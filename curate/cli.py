@@ -14,9 +14,13 @@ import typer
 from curate.budget.config import BudgetConfig
 from curate.ingest.config import IngestConfig
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Curate InternVL 2.5-style multimodal SFT data: ingest, budget, filter, "
-                       "score, review, pack, train.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Curate InternVL 2.5-style multimodal SFT data: ingest, budget, filter, "
+    "score, review, pack, train.",
+)
 demo_app = typer.Typer(no_args_is_help=True, help="Demo data and tiny local models.")
 app.add_typer(demo_app, name="demo")
 
@@ -35,7 +39,9 @@ def demo_make(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the demo mixture into")],
     seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 0,
     scale: Annotated[int, typer.Option(help="multiply the samples per dataset")] = 1,
-    models: Annotated[bool, typer.Option(help="also build the tiny tokenizer and judge LLM")] = True,
+    models: Annotated[
+        bool, typer.Option(help="also build the tiny tokenizer and judge LLM")
+    ] = True,
 ) -> None:
     """Write a small InternVL-style mixture (meta JSON, JSONL, images, planted bad samples)."""
     from curate.console import console
@@ -62,8 +68,10 @@ def ingest(
     from curate.run import RunFolder, RunLockedError
 
     cfg = IngestConfig(shard_lines=shard_lines, workers=workers)
-    ctx = PipelineContext(PipelineConfig.model_construct(
-        run=run, meta=meta, stages=StagesConfig(ingest=cfg)), RunFolder(run))
+    ctx = PipelineContext(
+        PipelineConfig.model_construct(run=run, meta=meta, stages=StagesConfig(ingest=cfg)),
+        RunFolder(run),
+    )
     try:
         with ctx.run.lock():
             _print_summary(run_ingest(ctx))
@@ -89,10 +97,14 @@ def budget(
     thumbnail: Annotated[bool, typer.Option(help="thumbnail tile after multi-tile grids")] = True,
     video_frames: Annotated[int, typer.Option(help="frames sampled per video")] = 8,
     repeat_mode: Annotated[str, typer.Option(help="internvl | stable")] = "internvl",
-    target_tokens: Annotated[int | None, typer.Option(
-        help="mixture solver: total training tokens; sets every repeat factor")] = None,
-    weight: Annotated[list[str] | None, typer.Option(
-        help="mixture solver: DATASET=WEIGHT token share (repeatable)")] = None,
+    target_tokens: Annotated[
+        int | None,
+        typer.Option(help="mixture solver: total training tokens; sets every repeat factor"),
+    ] = None,
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(help="mixture solver: DATASET=WEIGHT token share (repeatable)"),
+    ] = None,
     shard_lines: Annotated[int, typer.Option(help="annotation lines per shard")] = 50_000,
     workers: Annotated[int, typer.Option(help="processes in parallel")] = 1,
 ) -> None:
@@ -104,15 +116,22 @@ def budget(
 
     try:
         weights = {k: float(v) for k, v in (w.split("=", 1) for w in weight or [])}
-        cfg = BudgetConfig(max_dynamic_patch=max_dynamic_patch, image_size=image_size,
-                           use_thumbnail=thumbnail, video_frames=video_frames,
-                           repeat_mode=repeat_mode, target_tokens=target_tokens,
-                           weights=weights or None, workers=workers)
+        cfg = BudgetConfig(
+            max_dynamic_patch=max_dynamic_patch,
+            image_size=image_size,
+            use_thumbnail=thumbnail,
+            video_frames=video_frames,
+            repeat_mode=repeat_mode,
+            target_tokens=target_tokens,
+            weights=weights or None,
+            workers=workers,
+        )
     except ValueError as e:
         _fail(f"bad option: {e}")
     stages = StagesConfig(ingest=IngestConfig(shard_lines=shard_lines, workers=workers), budget=cfg)
-    config = PipelineConfig.model_construct(run=run, meta=meta, stages=stages,
-                                            models=ModelsConfig(tokenizer=tokenizer))
+    config = PipelineConfig.model_construct(
+        run=run, meta=meta, stages=stages, models=ModelsConfig(tokenizer=tokenizer)
+    )
     ctx = PipelineContext(config, RunFolder(run))
     try:
         with ctx.run.lock():

@@ -29,7 +29,9 @@ class DemoConfig(Strict):
 
 
 class ModelsConfig(Strict):
-    tokenizer: Path | None = Field(None, description="local HF tokenizer dir (internvl2_5 template)")
+    tokenizer: Path | None = Field(
+        None, description="local HF tokenizer dir (internvl2_5 template)"
+    )
     judge: Path | None = Field(None, description="local HF LLM dir that scores samples")
 
 

@@ -18,8 +18,13 @@ console = Console(width=None if Console().is_terminal else 160)
 @contextmanager
 def shard_progress(stage: str, total: int) -> Iterator[Callable[[str, dict], None]]:
     """A progress bar over shards; yields the ``on_shard`` callback for ``run_shards``."""
-    columns = (TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn())
+    columns = (
+        TextColumn(f"[bold]{stage}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rows]} rows"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(stage, total=total, rows=0)
         seen = {"rows": 0}
@@ -33,9 +38,11 @@ def shard_progress(stage: str, total: int) -> Iterator[Callable[[str, dict], Non
 
 def summary_table(summary: StageSummary) -> Table:
     """Rows in / kept / rejected / flagged per dataset, and the totals."""
-    t = Table(title=f"{summary.stage}: {summary.rows_in} in, {summary.rows_kept} kept, "
-                    f"{summary.rows_rejected} rejected ({summary.shards_skipped} of "
-                    f"{summary.shards} shards already done)")
+    t = Table(
+        title=f"{summary.stage}: {summary.rows_in} in, {summary.rows_kept} kept, "
+        f"{summary.rows_rejected} rejected ({summary.shards_skipped} of "
+        f"{summary.shards} shards already done)"
+    )
     for col in ("dataset", "in", "kept", "rejected"):
         t.add_column(col, justify="left" if col == "dataset" else "right")
     for ds, counts in sorted(summary.by_dataset.items()):
@@ -55,8 +62,18 @@ def rules_table(summary: StageSummary) -> Table:
 
 
 def budget_rich_table(rows: list[dict]) -> Table:
-    cols = ["dataset", "samples", "rejected", "images", "tiles", "visual_tokens", "text_tokens",
-            "repeat_time", "copies", "effective_tokens"]
+    cols = [
+        "dataset",
+        "samples",
+        "rejected",
+        "images",
+        "tiles",
+        "visual_tokens",
+        "text_tokens",
+        "repeat_time",
+        "copies",
+        "effective_tokens",
+    ]
     t = Table(title="budget per dataset")
     for c in cols:
         t.add_column(c.replace("_", " "), justify="left" if c == "dataset" else "right")

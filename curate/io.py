@@ -54,7 +54,7 @@ def read_json(path: Path) -> object:
 
 
 def read_parquet_files(paths: Iterable[Path], schema: pa.Schema | None = None) -> pa.Table:
-    """Concatenate Parquet files (in the given order); an empty list gives ``schema``'s empty table."""
+    """Concatenate Parquet files in order; no files gives ``schema``'s empty table."""
     tables = [pq.read_table(p) for p in paths]
     if not tables:
         if schema is None:

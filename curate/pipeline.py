@@ -36,8 +36,9 @@ def run_budget_stage(ctx: PipelineContext) -> StageSummary:
     if ctx.config.models.tokenizer is None:
         raise ValueError("the budget stage needs models.tokenizer in the pipeline file")
     with shard_progress("budget", len(ctx.run.shards("samples"))) as on_shard:
-        summary = run_budget(ctx.run, ctx.config.stages.budget, ctx.config.models.tokenizer,
-                             on_shard=on_shard)
+        summary = run_budget(
+            ctx.run, ctx.config.stages.budget, ctx.config.models.tokenizer, on_shard=on_shard
+        )
     console.print(budget_rich_table(read_json(ctx.run.path / "stats" / "budget_table.json")))
     return summary
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import xxhash
 
 from curate.io import read_json, read_parquet_files, write_json_atomic, write_parquet_atomic
 from curate.records import LEDGER_SCHEMA
@@ -103,8 +104,10 @@ class RunFolder:
     def stats_path(self, stage: str) -> Path:
         return self.path / "stats" / f"{stage}.json"
 
-    def is_done(self, stage: str, shard: str) -> bool:
-        return self.marker_path(stage, shard).exists()
+    def is_done(self, stage: str, shard: str, fingerprint: str = "") -> bool:
+        """A shard is done when its marker exists and was made with the same settings."""
+        marker = self.marker_path(stage, shard)
+        return marker.exists() and read_json(marker).get("fingerprint", "") == fingerprint
 
     def shards(self, name: str = "samples") -> list[str]:
         """Shard names present in a subfolder, sorted (temp files are never listed)."""
@@ -157,7 +160,14 @@ class RunFolder:
             os.close(fd)
 
 
-def commit_shard(run: RunFolder, stage: str, shard: str, result: ShardResult, seconds: float) -> dict:
+def commit_shard(
+    run: RunFolder,
+    stage: str,
+    shard: str,
+    result: ShardResult,
+    seconds: float,
+    fingerprint: str = "",
+) -> dict:
     """Write a shard's outputs and ledger atomically, then its marker (last: it means 'done')."""
     result.check(stage, shard)
     for name, table in result.outputs.items():
@@ -179,6 +189,7 @@ def commit_shard(run: RunFolder, stage: str, shard: str, result: ShardResult, se
         "by_dataset": result.rows_by_dataset,
         "by_rule": dict(rules),
         "seconds": round(seconds, 3),
+        "fingerprint": fingerprint,
     }
     write_json_atomic(marker, run.marker_path(stage, shard))
     return marker
@@ -212,33 +223,47 @@ def run_shards(
     *,
     workers: int = 1,
     on_shard: Callable[[str, dict], None] | None = None,
+    fingerprint: str = "",
 ) -> StageSummary:
     """Run ``process`` on every unfinished shard, commit each, and total all markers.
 
     ``process`` must be picklable when ``workers > 1`` (a module-level function or a
     ``functools.partial`` of one). Finished shards are skipped, so a rerun after a crash
     only does what is missing. ``on_shard(shard, marker)`` is called after each commit
-    (progress bars live in the caller).
+    (progress bars live in the caller). ``fingerprint`` names the stage's settings: a shard
+    finished under other settings is done again.
     """
-    todo = [s for s in shards if not run.is_done(stage, s)]
+    todo = [s for s in shards if not run.is_done(stage, s, fingerprint)]
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {s: pool.submit(_timed, process, s) for s in todo}
             for shard, fut in futures.items():
                 result, seconds = fut.result()
-                marker = commit_shard(run, stage, shard, result, seconds)
+                marker = commit_shard(run, stage, shard, result, seconds, fingerprint)
                 if on_shard:
                     on_shard(shard, marker)
     else:
         for shard in todo:
             result, seconds = _timed(process, shard)
-            marker = commit_shard(run, stage, shard, result, seconds)
+            marker = commit_shard(run, stage, shard, result, seconds, fingerprint)
             if on_shard:
                 on_shard(shard, marker)
     return finish_stage(run, stage, shards, skipped=len(shards) - len(todo))
 
 
-def finish_stage(run: RunFolder, stage: str, shards: Sequence[str], skipped: int = 0) -> StageSummary:
+def settings_fingerprint(*parts: object) -> str:
+    """A short stable hash of a stage's settings (pydantic models, paths, strings)."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        text = part.model_dump_json() if hasattr(part, "model_dump_json") else str(part)
+        h.update(text.encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def finish_stage(
+    run: RunFolder, stage: str, shards: Sequence[str], skipped: int = 0
+) -> StageSummary:
     """Total the markers of ``shards`` into stats/<stage>.json and return the summary."""
     summary = StageSummary(stage=stage, shards_skipped=skipped)
     for shard in shards:

@@ -37,10 +37,16 @@ def image_grids(images: list[dict], kind: str, p: TilingParams) -> tuple[list[di
     cap = multi_image_max_tiles(p.max_tiles, len(images)) if len(images) > 1 else p.max_tiles
     grids = []
     for im in images:
-        cols, rows = select_grid(im["width"], im["height"], min_tiles=min(p.min_tiles, cap),
-                                 max_tiles=cap, image_size=p.image_size)
-        grids.append({"cols": cols, "rows": rows,
-                      "thumbnail": has_thumbnail(cols, rows, p.use_thumbnail)})
+        cols, rows = select_grid(
+            im["width"],
+            im["height"],
+            min_tiles=min(p.min_tiles, cap),
+            max_tiles=cap,
+            image_size=p.image_size,
+        )
+        grids.append(
+            {"cols": cols, "rows": rows, "thumbnail": has_thumbnail(cols, rows, p.use_thumbnail)}
+        )
     return grids, []
 
 

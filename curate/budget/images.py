@@ -20,8 +20,9 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 class ImageProblem(Exception):
     """An image that cannot be used; ``rule`` names the ledger reason."""
 
-    def __init__(self, rule: str, detail: str, value: float | None = None,
-                 threshold: float | None = None) -> None:
+    def __init__(
+        self, rule: str, detail: str, value: float | None = None, threshold: float | None = None
+    ) -> None:
         super().__init__(f"{rule}: {detail}")
         self.rule = rule
         self.detail = detail
@@ -37,7 +38,9 @@ def resolve_in_root(root: str, relpath: str) -> str:
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, relpath))
     if os.path.commonpath([real_root, real]) != real_root:
-        raise ImageProblem("path_outside_root", f"{relpath!r} resolves to {real}, outside {real_root}")
+        raise ImageProblem(
+            "path_outside_root", f"{relpath!r} resolves to {real}, outside {real_root}"
+        )
     return real
 
 
@@ -79,7 +82,7 @@ def list_frames(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise ImageProblem(
             "video_unreadable",
-            f"{folder} is not a folder of frames (video files need a decoder; extract frames first)",
+            f"{folder} is not a folder of frames (extract a video's frames first)",
         )
     names = [n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES)]
     if not names:

@@ -33,12 +33,17 @@ def stable_copies(sample_ids: list[str], repeat_time: float, seed: int = 0) -> n
     """
     whole = math.floor(repeat_time)
     frac = repeat_time - whole
-    u = np.fromiter((unit_hash(s, seed) for s in sample_ids), dtype=np.float64, count=len(sample_ids))
+    u = np.fromiter(
+        (unit_hash(s, seed) for s in sample_ids), dtype=np.float64, count=len(sample_ids)
+    )
     return (whole + (u < frac)).astype(np.int32)
 
 
-def solve_repeat_factors(tokens_per_dataset: Mapping[str, int], target_tokens: int,
-                         weights: Mapping[str, float] | None = None) -> dict[str, float]:
+def solve_repeat_factors(
+    tokens_per_dataset: Mapping[str, int],
+    target_tokens: int,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
     """Repeat factor r per dataset so that r·tokens gives each dataset its weight's share of
     ``target_tokens`` (equal shares without weights). A dataset with no tokens gets r = 0."""
     weights = weights or {}
@@ -50,6 +55,5 @@ def solve_repeat_factors(tokens_per_dataset: Mapping[str, int], target_tokens: i
     if total_w <= 0:
         raise ValueError("mixture weights must not all be zero")
     return {
-        d: (target_tokens * w[d] / total_w / n if n else 0.0)
-        for d, n in tokens_per_dataset.items()
+        d: (target_tokens * w[d] / total_w / n if n else 0.0) for d, n in tokens_per_dataset.items()
     }

@@ -9,6 +9,7 @@ same total the pack stage gets by tokenising the expanded text.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -22,24 +23,27 @@ from curate.chat import segments
 from curate.ingest.stage import load_datasets
 from curate.io import write_json_atomic, write_parquet_atomic
 from curate.records import ledger_table
-from curate.run import RunFolder, ShardResult, StageSummary, run_shards
+from curate.run import RunFolder, ShardResult, StageSummary, run_shards, settings_fingerprint
 
 STAGE = "budget"
 GRID_TYPE = pa.struct([("cols", pa.int16()), ("rows", pa.int16()), ("thumbnail", pa.bool_())])
-BUDGET_SCHEMA = pa.schema([
-    ("sample_id", pa.string()),
-    ("dataset", pa.string()),
-    ("line", pa.int64()),
-    ("n_images", pa.int32()),
-    ("grids", pa.list_(GRID_TYPE)),  # per image (per sampled frame for video), in order
-    ("frame_indices", pa.list_(pa.int32())),  # video: which frames are used
-    ("tiles", pa.int32()),
-    ("visual_tokens", pa.int32()),  # 256 per tile + <img></img> per image
-    ("text_tokens", pa.int32()),
-    ("total_tokens", pa.int32()),
-])
-COPIES_SCHEMA = pa.schema([("sample_id", pa.string()), ("dataset", pa.string()),
-                           ("copies", pa.int32())])
+BUDGET_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("dataset", pa.string()),
+        ("line", pa.int64()),
+        ("n_images", pa.int32()),
+        ("grids", pa.list_(GRID_TYPE)),  # per image (per sampled frame for video), in order
+        ("frame_indices", pa.list_(pa.int32())),  # video: which frames are used
+        ("tiles", pa.int32()),
+        ("visual_tokens", pa.int32()),  # 256 per tile + <img></img> per image
+        ("text_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+    ]
+)
+COPIES_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("dataset", pa.string()), ("copies", pa.int32())]
+)
 
 
 def load_tokenizer(path: str):
@@ -69,22 +73,37 @@ def _tiling_for(dataset: dict, cfg: BudgetConfig) -> TilingParams:
     )
 
 
-def budget_rows(rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer) -> list[dict]:
+def budget_rows(
+    rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer
+) -> list[dict]:
     """Budget columns for sample rows (one tokenizer call for the whole batch)."""
     per_tile = tokens_per_tile(cfg.image_size)
     out, all_segments, owner = [], [], []
     for i, row in enumerate(rows):
-        grids, frames = image_grids(row["images"], row["kind"], _tiling_for(datasets[row["dataset"]], cfg))
-        segs = segments(row["conversations"], [0] * len(grids), system_prompt=cfg.system_prompt,
-                        n_video_frames=len(frames))
+        grids, frames = image_grids(
+            row["images"], row["kind"], _tiling_for(datasets[row["dataset"]], cfg)
+        )
+        segs = segments(
+            row["conversations"],
+            [0] * len(grids),
+            system_prompt=cfg.system_prompt,
+            n_video_frames=len(frames),
+        )
         all_segments += [text for _, text in segs]
         owner += [i] * len(segs)
         tiles = sum(grid_tiles(g) for g in grids)
-        out.append({
-            "sample_id": row["sample_id"], "dataset": row["dataset"], "line": row["line"],
-            "n_images": len(grids), "grids": grids, "frame_indices": frames, "tiles": tiles,
-            "visual_tokens": per_tile * tiles + 2 * len(grids),
-        })
+        out.append(
+            {
+                "sample_id": row["sample_id"],
+                "dataset": row["dataset"],
+                "line": row["line"],
+                "n_images": len(grids),
+                "grids": grids,
+                "frame_indices": frames,
+                "tiles": tiles,
+                "visual_tokens": per_tile * tiles + 2 * len(grids),
+            }
+        )
     lengths = [len(ids) for ids in tokenizer(all_segments).input_ids] if all_segments else []
     text = np.bincount(np.asarray(owner, dtype=np.int64), weights=lengths, minlength=len(rows))
     for i, r in enumerate(out):
@@ -93,8 +112,9 @@ def budget_rows(rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, 
     return out
 
 
-def process_shard(run: RunFolder, datasets: dict, cfg: BudgetConfig, tokenizer_path: str,
-                  shard: str) -> ShardResult:
+def process_shard(
+    run: RunFolder, datasets: dict, cfg: BudgetConfig, tokenizer_path: str, shard: str
+) -> ShardResult:
     rows = run.read("samples", [shard]).to_pylist()
     budget = budget_rows(rows, datasets, cfg, _cached_tokenizer(tokenizer_path))
     by_ds: dict[str, list[int]] = {}
@@ -105,7 +125,10 @@ def process_shard(run: RunFolder, datasets: dict, cfg: BudgetConfig, tokenizer_p
     return ShardResult(
         outputs={"budget": pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA)},
         ledger=ledger_table([]),
-        rows_in=len(rows), rows_kept=len(rows), rows_rejected=0, rows_by_dataset=by_ds,
+        rows_in=len(rows),
+        rows_kept=len(rows),
+        rows_rejected=0,
+        rows_by_dataset=by_ds,
     )
 
 
@@ -120,8 +143,11 @@ def repeat_factors(run: RunFolder, cfg: BudgetConfig, costs: pl.DataFrame) -> di
 
 def compute_copies(run: RunFolder, cfg: BudgetConfig) -> tuple[pl.DataFrame, dict[str, float]]:
     """Copies of every budgeted sample under the configured repeat mode; written to repeat/."""
-    costs = pl.from_arrow(run.read("budget", schema=BUDGET_SCHEMA).select(
-        ["sample_id", "dataset", "line", "total_tokens"]))
+    costs = pl.from_arrow(
+        run.read("budget", schema=BUDGET_SCHEMA).select(
+            ["sample_id", "dataset", "line", "total_tokens"]
+        )
+    )
     r = repeat_factors(run, cfg, costs)
     lines = {n: d["lines"] for n, d in load_datasets(run).items()}
     parts = []
@@ -131,10 +157,14 @@ def compute_copies(run: RunFolder, cfg: BudgetConfig) -> tuple[pl.DataFrame, dic
         else:
             copies = stable_copies(part["sample_id"].to_list(), r[name], cfg.seed)
         parts.append(part.select("sample_id", "dataset").with_columns(copies=pl.Series(copies)))
-    table = pl.concat(parts) if parts else pl.DataFrame(schema={"sample_id": pl.String,
-                                                                 "dataset": pl.String,
-                                                                 "copies": pl.Int32})
-    write_parquet_atomic(table.to_arrow().cast(COPIES_SCHEMA), run.path / "repeat" / "copies.parquet")
+    table = (
+        pl.concat(parts)
+        if parts
+        else pl.DataFrame(schema={"sample_id": pl.String, "dataset": pl.String, "copies": pl.Int32})
+    )
+    write_parquet_atomic(
+        table.to_arrow().cast(COPIES_SCHEMA), run.path / "repeat" / "copies.parquet"
+    )
     return table, r
 
 
@@ -144,8 +174,11 @@ def budget_table(run: RunFolder, r: dict[str, float]) -> list[dict]:
     copies = pl.read_parquet(run.path / "repeat" / "copies.parquet")
     df = costs.join(copies.select("sample_id", "copies"), on="sample_id", how="left")
     agg = df.group_by("dataset").agg(
-        pl.len().alias("samples"), pl.col("n_images").sum().alias("images"),
-        pl.col("tiles").sum(), pl.col("visual_tokens").sum(), pl.col("text_tokens").sum(),
+        pl.len().alias("samples"),
+        pl.col("n_images").sum().alias("images"),
+        pl.col("tiles").sum(),
+        pl.col("visual_tokens").sum(),
+        pl.col("text_tokens").sum(),
         pl.col("copies").sum(),
         (pl.col("total_tokens") * pl.col("copies")).sum().alias("effective_tokens"),
     )
@@ -153,11 +186,27 @@ def budget_table(run: RunFolder, r: dict[str, float]) -> list[dict]:
     ingest = (run.stats("ingest") or {}).get("by_dataset", {})
     table = []
     for name in load_datasets(run):
-        row = by_name.get(name, {"samples": 0, "images": 0, "tiles": 0, "visual_tokens": 0,
-                                 "text_tokens": 0, "copies": 0, "effective_tokens": 0})
+        row = by_name.get(
+            name,
+            {
+                "samples": 0,
+                "images": 0,
+                "tiles": 0,
+                "visual_tokens": 0,
+                "text_tokens": 0,
+                "copies": 0,
+                "effective_tokens": 0,
+            },
+        )
         rejected = ingest.get(name, [0, 0, 0])[2]
-        table.append({"dataset": name, **{k: v for k, v in row.items() if k != "dataset"},
-                      "rejected": rejected, "repeat_time": round(r.get(name, 0.0), 4)})
+        table.append(
+            {
+                "dataset": name,
+                **{k: v for k, v in row.items() if k != "dataset"},
+                "rejected": rejected,
+                "repeat_time": round(r.get(name, 0.0), 4),
+            }
+        )
     return table
 
 
@@ -165,8 +214,18 @@ def run_budget(run: RunFolder, cfg: BudgetConfig, tokenizer: str, on_shard=None)
     """Budget every ingested shard, then decide repeat copies and write stats/budget_table.json."""
     datasets = load_datasets(run)
     process = partial(process_shard, run, datasets, cfg, str(tokenizer))
-    summary = run_shards(run, STAGE, run.shards("samples"), process, workers=cfg.workers,
-                         on_shard=on_shard)
+    fingerprint = settings_fingerprint(
+        cfg.model_copy(update={"workers": 1}), Path(tokenizer).resolve()
+    )
+    summary = run_shards(
+        run,
+        STAGE,
+        run.shards("samples"),
+        process,
+        workers=cfg.workers,
+        on_shard=on_shard,
+        fingerprint=fingerprint,
+    )
     _, r = compute_copies(run, cfg)
     write_json_atomic(budget_table(run, r), run.path / "stats" / "budget_table.json")
     return summary

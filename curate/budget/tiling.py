@@ -22,8 +22,11 @@ PATCH_SIZE = 14
 DOWNSAMPLE_RATIO = 0.5  # pixel unshuffle: 2x2 patches -> 1 token
 
 
-def tokens_per_tile(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
-                    downsample_ratio: float = DOWNSAMPLE_RATIO) -> int:
+def tokens_per_tile(
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    downsample_ratio: float = DOWNSAMPLE_RATIO,
+) -> int:
     """Visual tokens one tile costs: (448/14)² · 0.5² = 256 for InternVL 2.5."""
     return int((image_size // patch_size) ** 2 * downsample_ratio**2)
 
@@ -41,8 +44,14 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
 
 
-def select_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12,
-                image_size: int = IMAGE_SIZE) -> tuple[int, int]:
+def select_grid(
+    width: int,
+    height: int,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    image_size: int = IMAGE_SIZE,
+) -> tuple[int, int]:
     """The (cols, rows) tile grid InternVL resizes a width x height image to."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
@@ -64,11 +73,19 @@ def has_thumbnail(cols: int, rows: int, use_thumbnail: bool = True) -> bool:
     return use_thumbnail and cols * rows != 1
 
 
-def count_tiles(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12,
-                image_size: int = IMAGE_SIZE, use_thumbnail: bool = True) -> int:
+def count_tiles(
+    width: int,
+    height: int,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> int:
     """Tiles of one image: the grid's cols·rows, plus the thumbnail when there is one."""
-    cols, rows = select_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles,
-                             image_size=image_size)
+    cols, rows = select_grid(
+        width, height, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size
+    )
     return cols * rows + int(has_thumbnail(cols, rows, use_thumbnail))
 
 
@@ -77,8 +94,14 @@ def multi_image_max_tiles(max_tiles: int, n_images: int) -> int:
     return max(1, max_tiles // max(1, n_images))
 
 
-def crop_tiles(image: Image.Image, cols: int, rows: int, *, image_size: int = IMAGE_SIZE,
-               use_thumbnail: bool = True) -> list[Image.Image]:
+def crop_tiles(
+    image: Image.Image,
+    cols: int,
+    rows: int,
+    *,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
     """Resize to the grid, cut row-major tiles, append the thumbnail: InternVL's pixel path."""
     resized = image.resize((image_size * cols, image_size * rows))
     tiles = []
@@ -90,9 +113,16 @@ def crop_tiles(image: Image.Image, cols: int, rows: int, *, image_size: int = IM
     return tiles
 
 
-def dynamic_preprocess(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = 12,
-                       image_size: int = IMAGE_SIZE, use_thumbnail: bool = True) -> list[Image.Image]:
+def dynamic_preprocess(
+    image: Image.Image,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
     """InternVL's ``dynamic_preprocess``: choose the grid from the decoded image, then tile it."""
-    cols, rows = select_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles,
-                             image_size=image_size)
+    cols, rows = select_grid(
+        *image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size
+    )
     return crop_tiles(image, cols, rows, image_size=image_size, use_thumbnail=use_thumbnail)

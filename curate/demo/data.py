@@ -18,8 +18,18 @@ from curate.demo import images as img
 from curate.demo import text as txt
 
 # Sizes (w, h) photos are drawn at: 4:3, 16:9, portrait, square, panorama, very tall, tiny.
-PHOTO_SIZES = [(1024, 768), (1280, 720), (600, 900), (800, 800), (2400, 300), (300, 1800),
-               (640, 500), (448, 448), (96, 64), (1600, 1200)]
+PHOTO_SIZES = [
+    (1024, 768),
+    (1280, 720),
+    (600, 900),
+    (800, 800),
+    (2400, 300),
+    (300, 1800),
+    (640, 500),
+    (448, 448),
+    (96, 64),
+    (1600, 1200),
+]
 
 
 @dataclass
@@ -54,8 +64,13 @@ def _general(out: Path, rng: random.Random, n: int) -> DemoDataset:
     for k, side in enumerate((24, 32, 48)):  # tiny icons
         name = f"icon_{k}.png"
         img.save(img.icon(rng, side), out / ds.root / name)
-        ds.add({"id": f"icon{k}", "image": name, "conversations": _conv("What shape is shown?",
-                                                                          "An orange circle.")})
+        ds.add(
+            {
+                "id": f"icon{k}",
+                "image": name,
+                "conversations": _conv("What shape is shown?", "An orange circle."),
+            }
+        )
     return ds
 
 
@@ -91,8 +106,13 @@ def _multi_image(out: Path, rng: random.Random, n: int) -> DemoDataset:
             img.save(img.photo(rng, w // 2, h // 2), out / ds.root / names[-1])
         labels = "".join(f"Image-{j + 1}: <image>\n" for j in range(k))
         answer = " ".join(f"Image-{j + 1} shows: {txt.sentence(rng)}" for j in range(k))
-        ds.add({"id": i, "image": names, "conversations": _conv(
-            "What differs between these images?", answer, prefix=labels)})
+        ds.add(
+            {
+                "id": i,
+                "image": names,
+                "conversations": _conv("What differs between these images?", answer, prefix=labels),
+            }
+        )
     return ds
 
 
@@ -102,13 +122,21 @@ def _video(out: Path, rng: random.Random, n: int) -> DemoDataset:
         folder = f"clip_{i:03d}"
         for f in range(rng.randint(6, 16)):
             img.save(img.photo(rng, 320, 240), out / ds.root / folder / f"frame_{f + 1}.jpg")
-        ds.add({"id": i, "video": folder, "conversations": _conv(
-            "Describe what happens in the video.", txt.paragraph(rng, 3), prefix="<video>\n")})
+        ds.add(
+            {
+                "id": i,
+                "video": folder,
+                "conversations": _conv(
+                    "Describe what happens in the video.", txt.paragraph(rng, 3), prefix="<video>\n"
+                ),
+            }
+        )
     return ds
 
 
-def _text(name: str, domain: str, gen: Callable, rng: random.Random, n: int,
-          repeat_time: float = 1.0) -> DemoDataset:
+def _text(
+    name: str, domain: str, gen: Callable, rng: random.Random, n: int, repeat_time: float = 1.0
+) -> DemoDataset:
     ds = DemoDataset(name, domain, repeat_time=repeat_time)
     for i in range(n):
         q, a = gen(rng)
@@ -127,27 +155,69 @@ def _plant_bad_samples(out: Path, rng: random.Random, by_name: dict[str, DemoDat
     img.write_png_bomb(root / "bad_bomb.png")
     img.save(img.blank(640, 480), root / "bad_blank.png")
     img.save(img.photo(rng, 2000, 100), root / "bad_sliver.jpg")
-    for name in ("bad_truncated.jpg", "bad_garbage.jpg", "bad_empty.jpg", "bad_bomb.png",
-                 "missing.jpg", "../../meta.json", "bad_blank.png", "bad_sliver.jpg"):
+    for name in (
+        "bad_truncated.jpg",
+        "bad_garbage.jpg",
+        "bad_empty.jpg",
+        "bad_bomb.png",
+        "missing.jpg",
+        "../../meta.json",
+        "bad_blank.png",
+        "bad_sliver.jpg",
+    ):
         gen.add({"id": f"bad:{name}", "image": name, "conversations": _conv(*txt.general_qa(rng))})
-    gen.add({"id": "bad:empty_answer", "image": "photo_0000.jpg",
-             "conversations": _conv("Describe the image.", "   ")})
-    gen.add({"id": "bad:loop", "image": "photo_0001.jpg",
-             "conversations": _conv("Describe the image.", txt.generation_loop(rng))})
-    gen.add({"id": "bad:image_in_answer", "image": "photo_0002.jpg",
-             "conversations": _conv("Describe the image.", "Here it is: <image> " + txt.sentence(rng))})
-    multi.add({"id": "bad:count", "image": ["m0000_0.jpg", "m0000_1.jpg"],
-               "conversations": _conv("Compare them.", txt.sentence(rng), prefix="Image-1: <image>\n")})
+    gen.add(
+        {
+            "id": "bad:empty_answer",
+            "image": "photo_0000.jpg",
+            "conversations": _conv("Describe the image.", "   "),
+        }
+    )
+    gen.add(
+        {
+            "id": "bad:loop",
+            "image": "photo_0001.jpg",
+            "conversations": _conv("Describe the image.", txt.generation_loop(rng)),
+        }
+    )
+    gen.add(
+        {
+            "id": "bad:image_in_answer",
+            "image": "photo_0002.jpg",
+            "conversations": _conv(
+                "Describe the image.", "Here it is: <image> " + txt.sentence(rng)
+            ),
+        }
+    )
+    multi.add(
+        {
+            "id": "bad:count",
+            "image": ["m0000_0.jpg", "m0000_1.jpg"],
+            "conversations": _conv("Compare them.", txt.sentence(rng), prefix="Image-1: <image>\n"),
+        }
+    )
     q, a = txt.math_qa(rng)
     math.add({"id": "bad:zeros", "conversations": _conv(q, a + " 1" + "0" * 120 + ".", prefix="")})
     dup_lines = "\n".join([txt.sentence(rng)] * 12)
-    ocr.add({"id": "bad:dup_lines", "image": "doc_0000.png",
-             "conversations": _conv("Transcribe all the text in this document.", dup_lines)})
+    ocr.add(
+        {
+            "id": "bad:dup_lines",
+            "image": "doc_0000.png",
+            "conversations": _conv("Transcribe all the text in this document.", dup_lines),
+        }
+    )
     math.lines.append(math.lines[0])  # an exact duplicate sample
-    math.lines.append(b'{"id": "bad:json", "conversations": [{"from": "human", "value": "unterminated')
+    math.lines.append(
+        b'{"id": "bad:json", "conversations": [{"from": "human", "value": "unterminated'
+    )
     math.lines.append(b'{"id": "bad:utf8", "conversations": "\xff\xfe broken bytes"}')
     math.add({"id": "bad:one_sided", "conversations": [{"from": "human", "value": "Hello?"}]})
-    math.add({"id": "bad:ctrl", "conversations": _conv("What is 2+2?", "It is 4.\x00\x07\ufffd", prefix="")})
+    math.add(
+        {
+            "id": "bad:ctrl",
+            "conversations": _conv("What is 2+2?", "It is 4.\x00\x07\ufffd", prefix=""),
+        }
+    )
 
 
 def make_demo(out_dir: str | Path, *, seed: int = 0, scale: int = 1) -> Path:

@@ -23,16 +23,23 @@ def photo(rng: random.Random, width: int, height: int) -> Image.Image:
     """Smooth colour gradients plus noise: compresses like a photo, not like a flat fill."""
     nrng = np.random.default_rng(rng.randrange(2**32))
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([
-        128 + 100 * np.sin(x / max(width, 1) * nrng.uniform(2, 8) + c) * np.cos(y / max(height, 1) * 3)
-        for c in range(3)
-    ], axis=-1)
+    base = np.stack(
+        [
+            128
+            + 100
+            * np.sin(x / max(width, 1) * nrng.uniform(2, 8) + c)
+            * np.cos(y / max(height, 1) * 3)
+            for c in range(3)
+        ],
+        axis=-1,
+    )
     noisy = base + nrng.normal(0, 18, size=base.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
-def chart(rng: random.Random, labels: list[str], values: list[int], width: int = 640,
-          height: int = 480) -> Image.Image:
+def chart(
+    rng: random.Random, labels: list[str], values: list[int], width: int = 640, height: int = 480
+) -> Image.Image:
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
     top = max(values)
@@ -40,8 +47,10 @@ def chart(rng: random.Random, labels: list[str], values: list[int], width: int =
     for i, (lab, v) in enumerate(zip(labels, values, strict=True)):
         x0 = 50 + i * bar_w
         y0 = height - 40 - int((height - 90) * v / top)
-        d.rectangle([x0 + 6, y0, x0 + bar_w - 6, height - 40], fill=rng.choice(
-            ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee"]))
+        d.rectangle(
+            [x0 + 6, y0, x0 + bar_w - 6, height - 40],
+            fill=rng.choice(["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee"]),
+        )
         d.text((x0 + 8, height - 34), lab, fill="black", font=_font(14))
         d.text((x0 + 8, y0 - 18), str(v), fill="black", font=_font(14))
     d.line([45, 20, 45, height - 40, width - 20, height - 40], fill="black", width=2)
@@ -88,10 +97,15 @@ def write_garbage(path: Path, rng: random.Random) -> None:
 
 def write_png_bomb(path: Path, width: int = 60_000, height: int = 60_000) -> None:
     """A tiny PNG whose header declares 3.6 gigapixels: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     body = zlib.compress(b"\x00" * 64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )

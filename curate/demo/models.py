@@ -21,8 +21,9 @@ def _corpus_lines() -> list[str]:
     return training_corpus()
 
 
-def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None,
-                    vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Path:
+def build_tokenizer(
+    out_dir: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = TOKENIZER_VOCAB_SIZE
+) -> Path:
     """Train a byte-level BPE tokenizer and save it in Hugging Face format at ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -12,8 +12,12 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shard_lines: int = Field(50_000, ge=1, description="annotation lines per shard")
-    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1,
-                                  description="larger images are rejected as decompression bombs")
-    max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, ge=1,
-                                description="longer annotation lines are rejected unparsed")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="larger images are rejected as decompression bombs",
+    )
+    max_line_bytes: int = Field(
+        DEFAULT_MAX_LINE_BYTES, ge=1, description="longer annotation lines are rejected unparsed"
+    )
     workers: int = Field(1, ge=1, description="processes parsing shards in parallel")

@@ -57,7 +57,9 @@ def _decode(line: bytes, max_line_bytes: int) -> tuple[dict | None, Problem | No
 def _conversations(obj: dict) -> tuple[list[dict], list[Problem]]:
     turns = obj.get("conversations")
     if not isinstance(turns, list) or not turns:
-        return [], [Problem("missing_conversations", "'conversations' is missing, empty or not a list")]
+        return [], [
+            Problem("missing_conversations", "'conversations' is missing, empty or not a list")
+        ]
     out, problems = [], []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -85,7 +87,9 @@ def _image_list(obj: dict) -> tuple[list[str], Problem | None]:
         return [value], None
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return value, None
-    return [], Problem("malformed_image_field", f"'image' must be a path or list of paths: {value!r:.80}")
+    return [], Problem(
+        "malformed_image_field", f"'image' must be a path or list of paths: {value!r:.80}"
+    )
 
 
 def _prepend_placeholder(turns: list[dict], token: str) -> None:
@@ -103,21 +107,34 @@ def _check_placeholders(turns: list[dict], n_images: int, is_video: bool) -> lis
         if n_video_tokens == 0 and n_image_tokens == 0:
             _prepend_placeholder(turns, VIDEO_TOKEN)
         elif n_video_tokens != 1 or n_image_tokens:
-            return [Problem("video_placeholder_mismatch",
-                            f"{n_video_tokens} <video> and {n_image_tokens} <image> placeholders; "
-                            "a video sample needs exactly one <video>", n_video_tokens, 1)]
+            return [
+                Problem(
+                    "video_placeholder_mismatch",
+                    f"{n_video_tokens} <video> and {n_image_tokens} <image> placeholders; "
+                    "a video sample needs exactly one <video>",
+                    n_video_tokens,
+                    1,
+                )
+            ]
         return []
     if n_images == 1 and n_image_tokens == 0:
         _prepend_placeholder(turns, IMAGE_TOKEN)
         return []
     if n_image_tokens != n_images or n_video_tokens:
-        return [Problem("image_count_mismatch",
-                        f"{n_image_tokens} <image> placeholders in user turns for {n_images} images",
-                        n_image_tokens, n_images)]
+        return [
+            Problem(
+                "image_count_mismatch",
+                f"{n_image_tokens} <image> placeholders in user turns for {n_images} images",
+                n_image_tokens,
+                n_images,
+            )
+        ]
     return []
 
 
-def _resolve_images(spec: DatasetSpec, paths: list[str], max_pixels: int) -> tuple[list[dict], list[Problem]]:
+def _resolve_images(
+    spec: DatasetSpec, paths: list[str], max_pixels: int
+) -> tuple[list[dict], list[Problem]]:
     images, problems = [], []
     for rel in paths:
         try:
@@ -129,7 +146,9 @@ def _resolve_images(spec: DatasetSpec, paths: list[str], max_pixels: int) -> tup
     return images, problems
 
 
-def _resolve_video(spec: DatasetSpec, rel: str, max_pixels: int) -> tuple[list[dict], list[Problem]]:
+def _resolve_video(
+    spec: DatasetSpec, rel: str, max_pixels: int
+) -> tuple[list[dict], list[Problem]]:
     try:
         folder = resolve_in_root(spec.root, rel)
         frames = list_frames(folder)
@@ -138,8 +157,13 @@ def _resolve_video(spec: DatasetSpec, rel: str, max_pixels: int) -> tuple[list[d
     return _resolve_images(spec, frames, max_pixels)
 
 
-def parse_line(line: bytes, spec: DatasetSpec, *, max_image_pixels: int,
-               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Parsed:
+def parse_line(
+    line: bytes,
+    spec: DatasetSpec,
+    *,
+    max_image_pixels: int,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Parsed:
     """Parse and check one annotation line of dataset ``spec``."""
     obj, problem = _decode(line, max_line_bytes)
     if problem:

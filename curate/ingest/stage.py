@@ -24,7 +24,7 @@ from curate.ingest.meta import DatasetSpec, load_meta
 from curate.ingest.normalize import parse_line
 from curate.io import read_json, write_json_atomic
 from curate.records import SAMPLE_SCHEMA, LedgerEntry, ledger_table, sample_id
-from curate.run import RunFolder, ShardResult, StageSummary, run_shards
+from curate.run import RunFolder, ShardResult, StageSummary, run_shards, settings_fingerprint
 
 STAGE = "ingest"
 
@@ -63,7 +63,9 @@ def _duplicates(spec: DatasetSpec, lines: list[bytes]) -> dict[int, int]:
     """Map each duplicate line number to the first line with the same content (same id)."""
     prefix = spec.name.encode() + b"\x00"
     hashes = np.fromiter(
-        (xxhash.xxh3_64_intdigest(prefix + ln.strip()) for ln in lines), dtype=np.uint64, count=len(lines)
+        (xxhash.xxh3_64_intdigest(prefix + ln.strip()) for ln in lines),
+        dtype=np.uint64,
+        count=len(lines),
     )
     _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     first_of = first[inverse]
@@ -73,8 +75,11 @@ def _duplicates(spec: DatasetSpec, lines: list[bytes]) -> dict[int, int]:
 
 
 def _line_starts(lines: list[bytes], crlf: list[bool]) -> np.ndarray:
-    sizes = np.fromiter((len(ln) + 1 + c for ln, c in zip(lines, crlf, strict=True)), dtype=np.int64,
-                        count=len(lines))
+    sizes = np.fromiter(
+        (len(ln) + 1 + c for ln, c in zip(lines, crlf, strict=True)),
+        dtype=np.int64,
+        count=len(lines),
+    )
     return np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(lines) else np.zeros(0, np.int64)
 
 
@@ -92,7 +97,9 @@ def plan(specs: list[DatasetSpec], shard_lines: int) -> tuple[dict[str, ShardTas
             n = min(shard_lines, len(lines) - start)
             shard_dups = {ln: f for ln, f in dups.items() if start < ln <= start + n}
             byte_start = int(starts[start]) if is_jsonl and n > 0 else None
-            tasks[f"{_slug(spec.name)}-{k:05d}"] = ShardTask(spec, start + 1, n, byte_start, shard_dups)
+            tasks[f"{_slug(spec.name)}-{k:05d}"] = ShardTask(
+                spec, start + 1, n, byte_start, shard_dups
+            )
     return tasks, line_counts
 
 
@@ -123,18 +130,40 @@ def process_shard(tasks: dict[str, ShardTask], options: IngestConfig, shard: str
         number = task.first_line + offset
         sid = sample_id(spec.name, line)
         if number in task.duplicates:
-            entries.append(LedgerEntry(sid, spec.name, number, STAGE, "duplicate_sample",
-                                       detail=f"same content as line {task.duplicates[number]}"))
+            entries.append(
+                LedgerEntry(
+                    sid,
+                    spec.name,
+                    number,
+                    STAGE,
+                    "duplicate_sample",
+                    detail=f"same content as line {task.duplicates[number]}",
+                )
+            )
             rejected_lines.add(number)
             continue
-        parsed = parse_line(line, spec, max_image_pixels=options.max_image_pixels,
-                            max_line_bytes=options.max_line_bytes)
+        parsed = parse_line(
+            line,
+            spec,
+            max_image_pixels=options.max_image_pixels,
+            max_line_bytes=options.max_line_bytes,
+        )
         if parsed.row is None:
             rejected_lines.add(number)
             for p in parsed.problems:
-                entries.append(LedgerEntry(sid, spec.name, number, STAGE, p.rule, "reject",
-                                           _float(p.value), _float(p.threshold),
-                                           f"{spec.annotation}:{number}: {p.detail}"))
+                entries.append(
+                    LedgerEntry(
+                        sid,
+                        spec.name,
+                        number,
+                        STAGE,
+                        p.rule,
+                        "reject",
+                        _float(p.value),
+                        _float(p.threshold),
+                        f"{spec.annotation}:{number}: {p.detail}",
+                    )
+                )
             continue
         rows.append({"sample_id": sid, "dataset": spec.name, "line": number, **parsed.row})
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
@@ -152,13 +181,17 @@ def _float(x: float | None) -> float | None:
     return None if x is None else float(x)
 
 
-def save_run_info(run: RunFolder, meta: str, specs: list[DatasetSpec], line_counts: dict[str, int]) -> None:
+def save_run_info(
+    run: RunFolder, meta: str, specs: list[DatasetSpec], line_counts: dict[str, int]
+) -> None:
     info_path = run.path / "run.json"
     info = read_json(info_path) if info_path.exists() else {}
-    info.update({
-        "meta": str(Path(meta).resolve()),
-        "datasets": {s.name: {**s.to_dict(), "lines": line_counts[s.name]} for s in specs},
-    })
+    info.update(
+        {
+            "meta": str(Path(meta).resolve()),
+            "datasets": {s.name: {**s.to_dict(), "lines": line_counts[s.name]} for s in specs},
+        }
+    )
     write_json_atomic(info, info_path)
 
 
@@ -166,7 +199,9 @@ def load_datasets(run: RunFolder) -> dict[str, dict]:
     """Dataset specs (plus line counts) recorded by ingest in run.json."""
     info_path = run.path / "run.json"
     if not info_path.exists():
-        raise FileNotFoundError(f"{run.path} has no run.json: run `curate ingest` (or budget) first")
+        raise FileNotFoundError(
+            f"{run.path} has no run.json: run `curate ingest` (or budget) first"
+        )
     return read_json(info_path)["datasets"]
 
 
@@ -183,12 +218,24 @@ def plan_size(meta: str, shard_lines: int) -> int:
     return total
 
 
-def ingest(meta: str, run: RunFolder, options: IngestConfig | None = None,
-           on_shard=None) -> StageSummary:
+def ingest(
+    meta: str, run: RunFolder, options: IngestConfig | None = None, on_shard=None
+) -> StageSummary:
     """Ingest every dataset of a meta JSON into the run folder; finished shards are skipped."""
     options = options or IngestConfig()
     specs = load_meta(meta)
     tasks, line_counts = plan(specs, options.shard_lines)
     save_run_info(run, meta, specs, line_counts)
     process = partial(process_shard, tasks, options)
-    return run_shards(run, STAGE, list(tasks), process, workers=options.workers, on_shard=on_shard)
+    fingerprint = settings_fingerprint(
+        options.model_copy(update={"workers": 1}), *(s.to_dict() for s in specs)
+    )
+    return run_shards(
+        run,
+        STAGE,
+        list(tasks),
+        process,
+        workers=options.workers,
+        on_shard=on_shard,
+        fingerprint=fingerprint,
+    )

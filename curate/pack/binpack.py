@@ -30,6 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+# Tile-primary packing solves a cutting-stock LP whose knapsack pricing is O(K) numpy steps;
+# above this tile cap (InternVL uses 40-48) plain best fit is used instead.
+_MAX_PATTERN_TILES = 256
+# Simplex pivots allowed per tile size (a few dozen pivots suffice in practice).
+_PIVOTS_PER_SIZE = 20
 # A token-primary sample whose best-fit pack lacks tile room tries the next packs up to this
 # many; past it a new pack is opened (only adversarial inputs get there, so quality is kept
 # and the worst case stays bounded).
@@ -99,7 +104,7 @@ def pack_lengths(
     packs = _Packs(tok.tolist(), til.tolist(), max_tokens, max_tiles)
     image = np.flatnonzero(til > 0)
     if _tile_primary(tok[image], til[image], max_tokens, max_tiles):
-        _best_fit_tiles(packs, _decreasing(image, til, tok))
+        _pack_tiles(packs, image, tok, til)
         text = np.flatnonzero(til == 0)
         _best_fit_tokens(packs, _decreasing(text, tok, til))
     else:
@@ -158,6 +163,205 @@ def _decreasing(idx: np.ndarray, primary: np.ndarray, secondary: np.ndarray) -> 
     return idx[order].tolist()
 
 
+# --- tile-primary: cutting-stock patterns --------------------------------------------------
+
+
+def _pack_tiles(packs: _Packs, image: np.ndarray, tok: np.ndarray, til: np.ndarray) -> None:
+    """Pack the image samples tight in tiles: LP patterns for the bulk, best fit for the rest.
+
+    Tile counts are small integers (a handful of values up to K), so tiles-only packing is a
+    cutting-stock problem whose LP relaxation (Gilmore-Gomory) is solved exactly in a few
+    dozen pivots. Its patterns say which tile sizes to combine (13+13+13+9, 13+13+10+10+1+1,
+    ...); plain best-fit decreasing instead puts the big sizes together first and strands
+    the fillers, several percent worse on 13-tile-heavy mixtures. Rounding the LP down leaves a
+    few packs' worth of samples, and samples evicted for tokens, to best fit.
+    """
+    rest = image
+    if image.size and packs.max_tiles <= _MAX_PATTERN_TILES:
+        itok, itil = tok[image], til[image]
+        sizes, demand = np.unique(itil, return_counts=True)
+        patterns, copies = _tile_patterns(sizes, demand, packs.max_tiles)
+        bin_of, n_bins = _fill_patterns(itok, itil, sizes, patterns, copies)
+        _evict_over_cap(bin_of, itok, n_bins, packs.max_tokens)
+        _add_bins(packs, image, bin_of, itok, itil)
+        rest = image[bin_of < 0]
+    _best_fit_tiles(packs, _decreasing(rest, til, tok))
+
+
+def _tile_patterns(
+    sizes: np.ndarray, demand: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Packs to build: patterns[p, i] samples of tile size sizes[i] each, copies[p] times.
+
+    The copies are the LP solution rounded down, so no size is used more often than the LP
+    says; since the LP may over-cover a size (it is the >= form), a slot can stay empty.
+    """
+    basis, x = _solve_pattern_lp(sizes, demand.astype(float), cap)
+    copies = np.floor(x + 1e-9).astype(np.int64)
+    keep = copies > 0
+    return np.rint(basis.T[keep]).astype(np.int64), copies[keep]
+
+
+def _solve_pattern_lp(
+    sizes: np.ndarray, demand: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Revised simplex with column generation for min sum(x) s.t. patterns @ x >= demand.
+
+    The basis starts from one single-size pattern per size (always feasible). Each pivot prices
+    all patterns at once with a knapsack over the duals; a negative dual brings in a surplus
+    column instead. Every basis along the way is feasible, so hitting the pivot limit (or a
+    singular basis) only costs optimality. Returns the basis (columns) and their values, with
+    surplus columns zeroed.
+    """
+    m = sizes.size
+    basis = np.diag((cap // sizes).astype(float))
+    cost = np.ones(m)
+    x = demand / np.diag(basis)
+    for _ in range(_PIVOTS_PER_SIZE * m + 100):
+        try:
+            duals = np.linalg.solve(basis.T, cost)
+            col, col_cost = _entering_column(duals, sizes, cap)
+            if col is None:
+                break
+            direction = np.linalg.solve(basis, col)
+        except np.linalg.LinAlgError:
+            break
+        leave, step = _ratio_test(x, direction)
+        if leave < 0:
+            break
+        x = np.maximum(x - step * direction, 0.0)
+        x[leave] = step
+        basis[:, leave] = col
+        cost[leave] = col_cost
+    return basis, np.where(cost > 0, x, 0.0)
+
+
+def _entering_column(
+    duals: np.ndarray, sizes: np.ndarray, cap: int
+) -> tuple[np.ndarray | None, float]:
+    """An improving column (and its cost) or (None, 0) when the basis is optimal."""
+    negative = np.flatnonzero(duals < -1e-12)
+    if negative.size:  # surplus of that size: reduced cost is the (negative) dual itself
+        col = np.zeros(sizes.size)
+        col[negative[0]] = -1.0
+        return col, 0.0
+    value, counts = _best_pattern(duals, sizes, cap)
+    if value <= 1.0 + 1e-9:
+        return None, 0.0
+    return counts.astype(float), 1.0
+
+
+def _best_pattern(values: np.ndarray, sizes: np.ndarray, cap: int) -> tuple[float, np.ndarray]:
+    """Unbounded knapsack: the pattern (counts per size) of most total value within cap.
+
+    A DP over capacity 0..cap, vectorised over the sizes (ascending, so the sizes that fit
+    in c are a prefix).
+    """
+    fits = np.searchsorted(sizes, np.arange(cap + 1), side="right")
+    best = np.zeros(cap + 1)
+    pick = np.full(cap + 1, -1)
+    for c in range(1, cap + 1):
+        best[c] = best[c - 1]
+        k = fits[c]
+        if k:
+            cand = best[c - sizes[:k]] + values[:k]
+            j = int(cand.argmax())
+            if cand[j] > best[c]:
+                best[c], pick[c] = cand[j], j
+    counts = np.zeros(sizes.size, dtype=np.int64)
+    c = cap
+    while c > 0:
+        j = pick[c]
+        if j < 0:
+            c -= 1
+        else:
+            counts[j] += 1
+            c -= int(sizes[j])
+    return float(best[cap]), counts
+
+
+def _ratio_test(x: np.ndarray, direction: np.ndarray) -> tuple[int, float]:
+    """The basic variable that hits zero first along `direction` (lowest index on ties)."""
+    pos = direction > 1e-12
+    if not pos.any():
+        return -1, 0.0
+    ratios = np.full(x.size, np.inf)
+    ratios[pos] = x[pos] / direction[pos]
+    leave = int(ratios.argmin())
+    return leave, float(ratios[leave])
+
+
+def _fill_patterns(
+    tok: np.ndarray, til: np.ndarray, sizes: np.ndarray, patterns: np.ndarray, copies: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Put samples (here: the image samples) into the pattern packs' slots, evening out tokens.
+
+    Largest tile size first. Within a size, slot round j covers the packs holding more than j
+    samples of it; the round gives the samples with the most tokens to the packs with the
+    fewest tokens so far. Even token loads leave room for the text-only samples everywhere.
+    Returns the pack of each sample (-1: no slot left) and the number of packs.
+    """
+    bin_pattern = np.repeat(np.arange(copies.size), copies)
+    load = np.zeros(bin_pattern.size, dtype=np.int64)
+    bin_of = np.full(tok.size, -1, dtype=np.int64)
+    order = np.lexsort((-tok, til))  # by tile size, most tokens first within a size
+    bounds = np.searchsorted(til[order], np.append(sizes, sizes[-1] + 1))
+    for i in range(sizes.size - 1, -1, -1):
+        group = order[bounds[i] : bounds[i + 1]]
+        mult = patterns[bin_pattern, i]
+        start = 0
+        for j in range(int(mult.max(initial=0))):
+            if start >= group.size:
+                break
+            slots = np.flatnonzero(mult > j)
+            slots = slots[np.argsort(load[slots], kind="stable")][: group.size - start]
+            take = group[start : start + slots.size]
+            bin_of[take] = slots
+            load[slots] += tok[take]
+            start += slots.size
+    return bin_of, bin_pattern.size
+
+
+def _evict_over_cap(bin_of: np.ndarray, tok: np.ndarray, n_bins: int, cap: int) -> None:
+    """Take samples out of packs over the token cap, most tokens first, until they fit.
+
+    Rare: only token-heavy collisions the balancing could not avoid. Evicted samples
+    (bin -1) go to best fit with the rest.
+    """
+    placed = bin_of >= 0
+    load = np.bincount(bin_of[placed], weights=tok[placed], minlength=n_bins)
+    over = np.flatnonzero(load > cap)
+    if not over.size:
+        return
+    cand = np.flatnonzero(np.isin(bin_of, over))
+    cand = cand[np.lexsort((-tok[cand], bin_of[cand]))]  # by pack, most tokens first
+    excess = {b: load[b] - cap for b in over.tolist()}
+    for s, b in zip(cand.tolist(), bin_of[cand].tolist(), strict=True):
+        if excess[b] > 0:
+            excess[b] -= tok[s]
+            bin_of[s] = -1
+
+
+def _add_bins(
+    packs: _Packs, image: np.ndarray, bin_of: np.ndarray, tok: np.ndarray, til: np.ndarray
+) -> None:
+    """Open the packs of a slot assignment: sample image[s] (tok[s] tokens, til[s] tiles) goes
+    into pack bin_of[s]; packs left empty are dropped."""
+    placed = np.flatnonzero(bin_of >= 0)
+    bins = bin_of[placed]
+    order = placed[np.argsort(bins, kind="stable")]
+    n_bins = int(bins.max(initial=-1)) + 1
+    counts = np.bincount(bins, minlength=n_bins).tolist()
+    tokens = np.bincount(bins, weights=tok[placed], minlength=n_bins).astype(np.int64).tolist()
+    tiles = np.bincount(bins, weights=til[placed], minlength=n_bins).astype(np.int64).tolist()
+    members = image[order].tolist()
+    start = 0
+    for b, c in enumerate(counts):
+        if c:
+            packs.add(members[start : start + c], tokens[b], tiles[b])
+            start += c
+
+
 # --- packs and the two best-fit passes ------------------------------------------------------
 
 
@@ -173,9 +377,13 @@ class _Packs:
 
     def open(self, i: int) -> int:
         """Start a new pack holding sample i; return its id."""
-        self.members.append([i])
-        self.room_tok.append(self.max_tokens - self.tok[i])
-        self.room_til.append(self.max_tiles - self.til[i])
+        return self.add([i], self.tok[i], self.til[i])
+
+    def add(self, members: list[int], tokens: int, tiles: int) -> int:
+        """Add a pack holding `members` (that many tokens and tiles); return its id."""
+        self.members.append(members)
+        self.room_tok.append(self.max_tokens - tokens)
+        self.room_til.append(self.max_tiles - tiles)
         return len(self.members) - 1
 
 
@@ -185,9 +393,15 @@ def _best_fit_tiles(packs: _Packs, order: list[int]) -> None:
     `heaps[r]` holds (-token room, pack) for the packs with exactly r tiles of room, so the
     search for sample i walks r = tiles[i] .. K and stops at the first heap whose roomiest pack
     has the tokens; K + 1 heaps make that walk short. Packs with no tile room left drop out.
+    Packs already open (from the patterns) take part with whatever room they have.
     """
     tok, til, room_tok, room_til = packs.tok, packs.til, packs.room_tok, packs.room_til
     heaps: list[list[tuple[int, int]]] = [[] for _ in range(packs.max_tiles + 1)]
+    for p, r in enumerate(room_til):
+        if r > 0:
+            heaps[r].append((-room_tok[p], p))
+    for h in heaps:
+        heapq.heapify(h)
     for i in order:
         t, k = tok[i], til[i]
         p = -1

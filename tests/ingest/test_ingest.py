@@ -1,0 +1,225 @@
+"""Ingest: one test per rejection reason, the count invariant, duplicates, shards, Parquet."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curate.demo.images import write_png_bomb
+from curate.ingest.config import IngestConfig
+from curate.ingest.meta import MetaError, load_meta
+from curate.ingest.stage import ingest
+from curate.run import RunFolder
+
+OK_TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+
+
+def _line(**kw) -> bytes:
+    return orjson.dumps({"conversations": OK_TURNS, **kw})
+
+
+# One annotation line per reason; the image folder is prepared in ``_dataset``.
+CASES = {
+    "line_too_long": b'{"x": "' + b"a" * 5000 + b'"}',
+    "blank_line": b"   ",
+    "invalid_utf8": b'{"conversations": "\xff\xfe"}',
+    "malformed_json": b'{"conversations": [',
+    "not_an_object": b"[1, 2, 3]",
+    "missing_conversations": orjson.dumps({"image": "ok.png"}),
+    "malformed_turn": orjson.dumps({"conversations": [{"from": "human"}]}),
+    "unknown_role": orjson.dumps({"conversations": [{"from": "robot", "value": "hi"}]}),
+    "no_user_turn": orjson.dumps({"conversations": [{"from": "gpt", "value": "hi"}]}),
+    "no_assistant_turn": orjson.dumps({"conversations": [{"from": "human", "value": "hi"}]}),
+    "malformed_image_field": _line(image=42),
+    "malformed_video_field": _line(video=["a"]),
+    "image_and_video": _line(image="ok.png", video="clip"),
+    "video_placeholder_mismatch": orjson.dumps(
+        {
+            "video": "clip",
+            "conversations": [
+                {"from": "human", "value": "<video>\n<video>\nWhat?"},
+                {"from": "gpt", "value": "x"},
+            ],
+        }
+    ),
+    "image_count_mismatch": _line(image=["ok.png", "ok.png"]),
+    "path_outside_root": _line(image="../outside.png"),
+    "image_missing": _line(image="nope.png"),
+    "image_not_a_file": _line(image="adir"),
+    "image_unreadable": _line(image="garbage.png"),
+    "image_too_large": _line(image="bomb.png"),
+    "video_unreadable": orjson.dumps(
+        {
+            "video": "empty_clip",
+            "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}],
+        }
+    ),
+}
+
+
+def _dataset(tmp_path, lines: list[bytes], fmt: str = "jsonl") -> str:
+    root = tmp_path / "root"
+    for sub in ("adir", "clip", "empty_clip"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48)).save(root / "ok.png")
+    for k in range(3):
+        Image.new("RGB", (32, 32)).save(root / "clip" / f"f{k}.jpg")
+    (root / "garbage.png").write_bytes(b"not an image at all" * 10)
+    write_png_bomb(root / "bomb.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    if fmt == "jsonl":
+        ann = tmp_path / "ann.jsonl"
+        ann.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        ann = tmp_path / "ann.parquet"
+        pq.write_table(pa.Table.from_pylist([orjson.loads(x) for x in lines]), ann)
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(
+        orjson.dumps({"ds": {"root": "root", "annotation": ann.name, "domain": "ocr"}})
+    )
+    return str(meta)
+
+
+def _run(tmp_path, lines, **cfg):
+    run = RunFolder(tmp_path / "run")
+    summary = ingest(_dataset(tmp_path, lines), run, IngestConfig(max_line_bytes=4096, **cfg))
+    return run, summary
+
+
+@pytest.mark.parametrize("rule", sorted(CASES))
+def test_each_rejection_reason(tmp_path, rule):
+    run, summary = _run(tmp_path, [_line(image="ok.png"), CASES[rule]])
+    ledger = run.ledger("ingest").to_pylist()
+    assert [e["rule"] for e in ledger] == [rule]
+    assert ledger[0]["line"] == 2 and ledger[0]["severity"] == "reject"
+    assert "ann.jsonl:2" in ledger[0]["detail"]
+    assert (summary.rows_in, summary.rows_kept, summary.rows_rejected) == (2, 1, 1)
+
+
+def test_all_problems_of_a_line_are_kept(tmp_path):
+    run, _ = _run(
+        tmp_path,
+        [
+            _line(
+                image=["nope.png", "../outside.png"],
+                conversations=[
+                    {"from": "human", "value": "Image-1: <image>\nImage-2: <image>\n"},
+                    {"from": "gpt", "value": "x"},
+                ],
+            )
+        ],
+    )
+    assert sorted(e["rule"] for e in run.ledger().to_pylist()) == [
+        "image_missing",
+        "path_outside_root",
+    ]
+
+
+def test_duplicates_across_shards_keep_first(tmp_path):
+    a, b = _line(image="ok.png", id=1), _line(image="ok.png", id=2)
+    run, summary = _run(tmp_path, [a, b, a, b, a], shard_lines=2)
+    assert summary.shards == 3 and summary.rows_kept == 2 and summary.rows_rejected == 3
+    ledger = run.ledger().to_pylist()
+    assert {(e["line"], e["detail"]) for e in ledger} == {
+        (3, "same content as line 1"),
+        (4, "same content as line 2"),
+        (5, "same content as line 1"),
+    }
+    samples = run.read("samples").to_pylist()
+    assert [s["line"] for s in samples] == [1, 2]
+    assert ledger[0]["sample_id"] == samples[0]["sample_id"]  # same content, same id
+
+
+def test_rows_normalised(tmp_path):
+    video = orjson.dumps(
+        {
+            "video": "clip",
+            "conversations": [
+                {"from": "human", "value": "Describe."},
+                {"from": "gpt", "value": "x"},
+            ],
+        }
+    )
+    run, _ = _run(
+        tmp_path,
+        [
+            _line(image="ok.png", id=7, width=1),
+            orjson.dumps(
+                {
+                    "conversations": [
+                        {"from": "human", "value": "hi"},
+                        {"from": "gpt", "value": "yo"},
+                    ]
+                }
+            ),
+            video,
+        ],
+    )
+    single, text, vid = run.read("samples").to_pylist()
+    assert single["kind"] == "image" and single["domain"] == "ocr"
+    assert single["images"] == [
+        {"path": os.path.realpath(tmp_path / "root/ok.png"), "width": 64, "height": 48}
+    ]
+    assert orjson.loads(single["extra"]) == {"id": 7, "width": 1}
+    assert text["kind"] == "text" and text["images"] == []
+    assert vid["kind"] == "video" and len(vid["images"]) == 3
+    assert vid["conversations"][0]["text"] == "<video>\nDescribe."  # InternVL inserts it
+
+
+def test_single_image_without_placeholder_gets_one(tmp_path):
+    run, _ = _run(
+        tmp_path,
+        [
+            _line(
+                image="ok.png",
+                conversations=[{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}],
+            )
+        ],
+    )
+    assert run.read("samples").to_pylist()[0]["conversations"][0]["text"] == "<image>\nWhat?"
+
+
+def test_parquet_annotations(tmp_path):
+    lines = [_line(image="ok.png", id=i) for i in range(3)] + [_line(image="nope.png")]
+    meta = _dataset(tmp_path, lines, fmt="parquet")
+    summary = ingest(meta, RunFolder(tmp_path / "run"), IngestConfig())
+    assert (summary.rows_in, summary.rows_kept, summary.rows_rejected) == (4, 3, 1)
+
+
+def test_resume_skips_finished_shards_and_keeps_counts(tmp_path):
+    lines = [_line(image="ok.png", id=i) for i in range(10)]
+    run, first = _run(tmp_path, lines, shard_lines=3)
+    marker = run.marker_path("ingest", run.shards()[1])
+    marker.unlink()  # as if the run died after writing shard 1 but before its marker
+    run2, second = _run(tmp_path, lines, shard_lines=3)
+    assert second.shards_skipped == first.shards - 1
+    assert (second.rows_in, second.rows_kept) == (10, 10)
+    assert len(run2.read("samples")) == 10
+
+
+def test_count_invariant_on_demo(ingested_run):
+    run = RunFolder(ingested_run)
+    stats = run.stats("ingest")
+    assert stats["rows_in"] == stats["rows_kept"] + stats["rows_rejected"]
+    rejected_ids = {(e["dataset"], e["line"]) for e in run.ledger("ingest").to_pylist()}
+    kept = {(s["dataset"], s["line"]) for s in run.read("samples").to_pylist()}
+    assert not rejected_ids & kept
+    assert len(rejected_ids) + len(kept) == stats["rows_in"]
+    for ds, (n_in, n_kept, n_rej) in stats["by_dataset"].items():
+        assert n_in == n_kept + n_rej, ds
+
+
+def test_meta_errors(tmp_path):
+    (tmp_path / "m.json").write_text('{"ds": {"root": ".", "annotation": "missing.jsonl"}}')
+    with pytest.raises(MetaError, match="annotation file not found"):
+        load_meta(tmp_path / "m.json")
+    (tmp_path / "m.json").write_text('{"ds": {"root": ".", "annotation": "m.json", "bogus": 1}}')
+    with pytest.raises(MetaError, match="unknown keys"):
+        load_meta(tmp_path / "m.json")
+    with pytest.raises(MetaError, match="not found"):
+        load_meta(tmp_path / "nope.json")
