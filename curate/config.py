@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from curate.budget.config import BudgetConfig
 from curate.ingest.config import IngestConfig
@@ -51,9 +58,10 @@ class PipelineConfig(Strict):
     stages: StagesConfig
 
     @model_validator(mode="after")
-    def _paths_exist(self) -> PipelineConfig:
+    def _paths_exist(self, info: ValidationInfo) -> PipelineConfig:
         # The demo section creates the meta file and models; otherwise they must already exist.
-        if self.demo is None:
+        check = (info.context or {}).get("check_paths", True)
+        if self.demo is None and check:
             missing = [f"{name}: {p}" for name, p in self.paths_to_check() if not p.exists()]
             if missing:
                 raise ValueError("missing paths: " + "; ".join(missing))
@@ -78,8 +86,11 @@ def _format(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline YAML file; raises PipelineError with every problem listed."""
+def load_pipeline(path: str | Path, *, check_paths: bool = True) -> PipelineConfig:
+    """Read and validate a pipeline YAML file; raises PipelineError with every problem listed.
+
+    ``check_paths=False`` validates the settings alone (for a file prepared on another machine).
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"pipeline file not found: {path}")
@@ -90,6 +101,6 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: a pipeline file is a mapping of settings")
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(raw, context={"check_paths": check_paths})
     except ValidationError as e:
         raise PipelineError(_format(e, str(path))) from e

@@ -1,0 +1,90 @@
+"""The budget stage on the demo run: exact token totals, video frames, copies, stats."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from curate.budget.config import BudgetConfig
+from curate.budget.costs import frame_indices
+from curate.budget.stage import budget_rows, load_tokenizer, run_budget
+from curate.chat import segments, tokenize
+from curate.run import RunFolder
+
+
+def test_total_tokens_equal_full_tokenisation(budgeted_run, tokenizer_dir):
+    """Budget counts <img></img> + 256/tile; tokenising the fully expanded text gives the same."""
+    run = RunFolder(budgeted_run)
+    tok = load_tokenizer(tokenizer_dir)
+    samples = {r["sample_id"]: r for r in run.read("samples").to_pylist()}
+    budget = run.read("budget").to_pylist()
+    kinds = set()
+    for b in budget[::3]:
+        s = samples[b["sample_id"]]
+        kinds.add(s["kind"])
+        counts = [256 * (g["cols"] * g["rows"] + g["thumbnail"]) for g in b["grids"]]
+        segs = segments(s["conversations"], counts, n_video_frames=len(b["frame_indices"]))
+        ids, labels = tokenize(tok, segs)
+        assert len(ids) == b["total_tokens"], s["sample_id"]
+        assert ids.count(tok.convert_tokens_to_ids("<IMG_CONTEXT>")) == 256 * b["tiles"]
+        assert b["visual_tokens"] == 256 * b["tiles"] + 2 * b["n_images"]
+    assert kinds == {"text", "image", "multi_image", "video"}
+
+
+def test_multi_image_and_video_budgets(budgeted_run):
+    run = RunFolder(budgeted_run)
+    df = pl.from_arrow(run.read("budget")).join(
+        pl.from_arrow(run.read("samples").select(["sample_id", "kind", "images"])), on="sample_id"
+    )
+    for row in df.filter(pl.col("kind") == "multi_image").iter_rows(named=True):
+        cap = max(1, 12 // len(row["images"]))
+        assert all(g["cols"] * g["rows"] <= cap for g in row["grids"])
+    for row in df.filter(pl.col("kind") == "video").iter_rows(named=True):
+        assert row["tiles"] == min(8, len(row["images"])) == len(row["frame_indices"])
+        assert all(g == {"cols": 1, "rows": 1, "thumbnail": False} for g in row["grids"])
+
+
+def test_frame_indices_middle_of_intervals():
+    assert frame_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert frame_indices(5, 8) == [0, 1, 2, 3, 4]
+
+
+def test_copies_and_table(budgeted_run):
+    run = RunFolder(budgeted_run)
+    copies = pl.read_parquet(budgeted_run / "repeat" / "copies.parquet")
+    assert len(copies) == len(run.read("budget"))
+    by_ds = dict(copies.group_by("dataset").agg(pl.col("copies").sum()).iter_rows())
+    assert by_ds["doc_ocr"] == 2 * copies.filter(pl.col("dataset") == "doc_ocr").height
+    table = {r["dataset"]: r for r in _table(run)}
+    assert table["math_text"]["repeat_time"] == 0.5
+    assert table["general_vqa"]["rejected"] > 0
+
+
+def _table(run):
+    from curate.io import read_json
+
+    return read_json(run.path / "stats" / "budget_table.json")
+
+
+def test_solver_and_stable_mode(run_copy, budgeted_run, tokenizer_dir):
+    run = RunFolder(run_copy(budgeted_run))
+    cfg = BudgetConfig(target_tokens=1_000_000, repeat_mode="stable")
+    run_budget(run, cfg, tokenizer_dir)
+    table = _table(run)
+    effective = sum(r["effective_tokens"] for r in table)
+    assert abs(effective - 1_000_000) / 1_000_000 < 0.1  # fractional copies are sampled
+    shares = [r["effective_tokens"] for r in table]
+    assert max(shares) / min(shares) < 1.6  # equal weights: comparable token shares
+
+
+def test_settings_change_redoes_shards(run_copy, budgeted_run, tokenizer_dir):
+    run = RunFolder(run_copy(budgeted_run))
+    again = run_budget(run, BudgetConfig(), tokenizer_dir)
+    assert again.shards_skipped == again.shards
+    changed = run_budget(run, BudgetConfig(max_dynamic_patch=4, use_thumbnail=False), tokenizer_dir)
+    assert changed.shards_skipped == 0
+    grids = [g for row in run.read("budget").column("grids").to_pylist() for g in row]
+    assert all(g["cols"] * g["rows"] <= 12 and not g["thumbnail"] for g in grids)
+
+
+def test_budget_rows_empty_batch(tokenizer_dir):
+    assert budget_rows([], {}, BudgetConfig(), load_tokenizer(tokenizer_dir)) == []

@@ -1,0 +1,47 @@
+"""Pipeline files: the shipped ones validate; bad ones fail with every problem named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curate.config import PipelineError, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "internvl2_5_1b.yaml"])
+def test_shipped_pipelines_parse(name, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_pipeline(ROOT / "pipelines" / name, check_paths=name == "demo.yaml")
+    assert cfg.stages.ingest is not None and cfg.stages.budget is not None
+
+
+def test_errors_name_every_problem(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "run: r\nmeta: nowhere/meta.json\nbogus: 1\nstages:\n  budget:\n"
+        "    max_dynamic_patch: many\n    max_tile: 3\n"
+    )
+    with pytest.raises(PipelineError) as e:
+        load_pipeline(p)
+    msg = str(e.value)
+    assert "bogus: unknown key" in msg
+    assert "stages.budget.max_tile: unknown key" in msg
+    assert "stages.budget.max_dynamic_patch" in msg
+
+
+def test_missing_paths(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(f"run: r\nmeta: {tmp_path}/absent.json\nstages: {{}}\n")
+    with pytest.raises(PipelineError, match="missing paths: meta"):
+        load_pipeline(p)
+
+
+def test_not_found_and_not_yaml(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_pipeline(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("run: [unclosed\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_pipeline(tmp_path / "bad.yaml")
