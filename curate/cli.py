@@ -13,6 +13,7 @@ import typer
 
 from curate.budget.config import BudgetConfig
 from curate.ingest.config import IngestConfig
+from curate.pack.cli import export_command, pack_command
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -156,6 +157,9 @@ def run_command(
     except (PipelineError, RunLockedError) as e:
         _fail(str(e))
 
+
+app.command("pack")(pack_command)
+app.command("export")(export_command)
 
 if __name__ == "__main__":
     app()

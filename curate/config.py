@@ -21,6 +21,7 @@ from pydantic import (
 
 from curate.budget.config import BudgetConfig
 from curate.ingest.config import IngestConfig
+from curate.pack.config import PackConfig
 
 
 class Strict(BaseModel):
@@ -47,6 +48,7 @@ class StagesConfig(Strict):
 
     ingest: IngestConfig | None = None
     budget: BudgetConfig | None = None
+    pack: PackConfig | None = None
 
 
 class PipelineConfig(Strict):

@@ -43,10 +43,29 @@ def run_budget_stage(ctx: PipelineContext) -> StageSummary:
     return summary
 
 
+def run_pack_stage(ctx: PipelineContext) -> StageSummary:
+    from curate.pack.cli import pack_report_table
+    from curate.pack.stage import run_pack
+
+    cfg = ctx.config.stages.pack
+    with shard_progress("tokenize", len(ctx.run.shards("budget"))) as on_shard:
+        report = run_pack(ctx.run, cfg, ctx.config.models.tokenizer,
+                          image_size=_image_size(ctx), on_shard=on_shard)
+    console.print(pack_report_table(report))
+    return StageSummary("pack", rows_in=report.samples_in, rows_kept=report.samples_packed,
+                        rows_rejected=report.samples_rejected)
+
+
+def _image_size(ctx: PipelineContext) -> int:
+    budget = ctx.config.stages.budget
+    return budget.image_size if budget else 448
+
+
 # Stage name -> runner, in pipeline order.
 STAGE_RUNNERS: dict[str, Callable[[PipelineContext], StageSummary]] = {
     "ingest": run_ingest,
     "budget": run_budget_stage,
+    "pack": run_pack_stage,
 }
 
 
@@ -71,7 +90,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, StageSummary]:
             if getattr(config.stages, name, None) is None:
                 continue
             summaries[name] = summary = runner(ctx)
-            if name != "budget":
+            if name not in ("budget", "pack"):
                 console.print(summary_table(summary))
             if summary.by_rule:
                 console.print(rules_table(summary))

@@ -20,7 +20,7 @@ from curate.budget.costs import TilingParams, grid_tiles, image_grids
 from curate.budget.repeat import internvl_copies, solve_repeat_factors, stable_copies
 from curate.budget.tiling import tokens_per_tile
 from curate.chat import segments
-from curate.ingest.stage import load_datasets
+from curate.ingest.stage import load_datasets, record_run_info
 from curate.io import write_json_atomic, write_parquet_atomic
 from curate.records import ledger_table
 from curate.run import RunFolder, ShardResult, StageSummary, run_shards, settings_fingerprint
@@ -213,6 +213,7 @@ def budget_table(run: RunFolder, r: dict[str, float]) -> list[dict]:
 def run_budget(run: RunFolder, cfg: BudgetConfig, tokenizer: str, on_shard=None) -> StageSummary:
     """Budget every ingested shard, then decide repeat copies and write stats/budget_table.json."""
     datasets = load_datasets(run)
+    record_run_info(run, tokenizer=str(Path(tokenizer).resolve()), image_size=cfg.image_size)
     process = partial(process_shard, run, datasets, cfg, str(tokenizer))
     fingerprint = settings_fingerprint(
         cfg.model_copy(update={"workers": 1}), Path(tokenizer).resolve()

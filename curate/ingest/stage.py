@@ -195,6 +195,18 @@ def save_run_info(
     write_json_atomic(info, info_path)
 
 
+def record_run_info(run: RunFolder, **fields: object) -> None:
+    """Add fields to run.json (e.g. the tokenizer budget used, so pack can default to it)."""
+    info_path = run.path / "run.json"
+    info = read_json(info_path) if info_path.exists() else {}
+    write_json_atomic({**info, **fields}, info_path)
+
+
+def run_info(run: RunFolder) -> dict:
+    info_path = run.path / "run.json"
+    return read_json(info_path) if info_path.exists() else {}
+
+
 def load_datasets(run: RunFolder) -> dict[str, dict]:
     """Dataset specs (plus line counts) recorded by ingest in run.json."""
     info_path = run.path / "run.json"

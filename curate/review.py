@@ -1,0 +1,99 @@
+"""Review decisions and the final status of every sample (which samples the pack stage takes).
+
+The paper reviews flagged samples by hand before removal. A decision overrides the ledger:
+
+- per sample: ``keep`` (restore a rejected sample, accept a flagged one) or ``reject``;
+- per rule of a dataset (``sample_id`` null, ``dataset`` and ``rule`` set): ``keep`` waives that
+  rule's failures for the dataset, ``reject`` turns that rule's flags into rejections.
+
+A sample-level decision wins over rule-level ones; the latest decision for a key wins.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.io import write_parquet_atomic
+from curate.run import RunFolder
+
+DECISION_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),  # null for a per-rule decision
+        ("dataset", pa.string()),
+        ("rule", pa.string()),  # null for a per-sample decision
+        ("decision", pa.string()),  # keep | reject
+        ("note", pa.string()),
+        ("decided_at", pa.float64()),  # unix seconds: later decisions win
+    ]
+)
+
+
+def decisions_path(run: RunFolder) -> Path:
+    return run.path / "review" / "decisions.parquet"
+
+
+def load_decisions(run: RunFolder) -> pl.DataFrame:
+    path = decisions_path(run)
+    table = pq.read_table(path) if path.exists() else DECISION_SCHEMA.empty_table()
+    return pl.from_arrow(table)
+
+
+def add_decisions(run: RunFolder, rows: list[dict]) -> int:
+    """Append decisions (dicts with DECISION_SCHEMA keys; ``decided_at`` filled in)."""
+    for r in rows:
+        if r.get("decision") not in ("keep", "reject"):
+            raise ValueError(f"decision must be keep or reject, got {r.get('decision')!r}")
+        if not r.get("sample_id") and not (r.get("dataset") and r.get("rule")):
+            raise ValueError("a decision names a sample_id, or a dataset and a rule")
+    now = time.time()
+    new = pa.Table.from_pylist(
+        [{**{k: None for k in DECISION_SCHEMA.names}, **r, "decided_at": now} for r in rows],
+        schema=DECISION_SCHEMA,
+    )
+    table = pa.concat_tables([load_decisions(run).to_arrow().cast(DECISION_SCHEMA), new])
+    write_parquet_atomic(table, decisions_path(run))
+    return len(rows)
+
+
+def _latest(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    return df.sort("decided_at").group_by(keys, maintain_order=True).last()
+
+
+def sample_status(run: RunFolder, flagged: str = "exclude") -> pl.DataFrame:
+    """Every ingested sample with its status: ``keep`` | ``reject`` | ``flag`` (awaiting review).
+
+    ``flagged="include"`` packs flagged samples that nobody reviewed (status ``keep``).
+    Columns: sample_id, dataset, status, reasons (the rules still standing against it).
+    """
+    samples = pl.from_arrow(run.read("samples").select(["sample_id", "dataset"]))
+    ledger = pl.from_arrow(run.ledger().select(["sample_id", "dataset", "stage", "rule", "severity"]))
+    ledger = ledger.filter(pl.col("stage") != "ingest")  # ingest rejects never became samples
+    decisions = load_decisions(run)
+    by_rule = _latest(decisions.filter(pl.col("sample_id").is_null()), ["dataset", "rule"])
+    by_sample = _latest(decisions.filter(pl.col("sample_id").is_not_null()), ["sample_id"])
+    ledger = ledger.join(by_rule.select("dataset", "rule", rule_decision="decision"),
+                         on=["dataset", "rule"], how="left")
+    ledger = ledger.filter(pl.col("rule_decision").fill_null("") != "keep").with_columns(
+        severity=pl.when(pl.col("rule_decision") == "reject").then(pl.lit("reject"))
+        .otherwise(pl.col("severity")))
+    per_sample = ledger.group_by("sample_id").agg(
+        rejected=(pl.col("severity") == "reject").any(),
+        flagged=(pl.col("severity") == "flag").any(),
+        reasons=pl.col("rule").unique().sort(),
+    )
+    df = samples.join(per_sample, on="sample_id", how="left").join(
+        by_sample.select("sample_id", sample_decision="decision"), on="sample_id", how="left")
+    flag_status = "keep" if flagged == "include" else "flag"
+    status = (
+        pl.when(pl.col("sample_decision").is_not_null()).then(pl.col("sample_decision"))
+        .when(pl.col("rejected").fill_null(False)).then(pl.lit("reject"))
+        .when(pl.col("flagged").fill_null(False)).then(pl.lit(flag_status))
+        .otherwise(pl.lit("keep"))
+    )
+    return df.with_columns(status=status, reasons=pl.col("reasons").fill_null([])).select(
+        "sample_id", "dataset", "status", "reasons")
