@@ -12,8 +12,10 @@ from typing import Annotated
 import typer
 
 from curate.budget.config import BudgetConfig
+from curate.filters.cli import filter_command
 from curate.ingest.config import IngestConfig
 from curate.pack.cli import export_command, pack_command
+from curate.score.cli import score_command
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -158,6 +160,8 @@ def run_command(
         _fail(str(e))
 
 
+app.command("filter")(filter_command)
+app.command("score")(score_command)
 app.command("pack")(pack_command)
 app.command("export")(export_command)
 

@@ -20,8 +20,10 @@ from pydantic import (
 )
 
 from curate.budget.config import BudgetConfig
+from curate.filters.config import FilterConfig
 from curate.ingest.config import IngestConfig
 from curate.pack.config import PackConfig
+from curate.score.config import ScoreConfig
 
 
 class Strict(BaseModel):
@@ -48,6 +50,8 @@ class StagesConfig(Strict):
 
     ingest: IngestConfig | None = None
     budget: BudgetConfig | None = None
+    filter: FilterConfig | None = None
+    score: ScoreConfig | None = None
     pack: PackConfig | None = None
 
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from curate.config import PipelineConfig
 from curate.console import console, rules_table, shard_progress, summary_table
+from curate.filters.cli import run_filter_stage
 from curate.run import RunFolder, StageSummary
+from curate.score.cli import run_score_stage
 
 
 @dataclass
@@ -49,11 +51,20 @@ def run_pack_stage(ctx: PipelineContext) -> StageSummary:
 
     cfg = ctx.config.stages.pack
     with shard_progress("tokenize", len(ctx.run.shards("budget"))) as on_shard:
-        report = run_pack(ctx.run, cfg, ctx.config.models.tokenizer,
-                          image_size=_image_size(ctx), on_shard=on_shard)
+        report = run_pack(
+            ctx.run,
+            cfg,
+            ctx.config.models.tokenizer,
+            image_size=_image_size(ctx),
+            on_shard=on_shard,
+        )
     console.print(pack_report_table(report))
-    return StageSummary("pack", rows_in=report.samples_in, rows_kept=report.samples_packed,
-                        rows_rejected=report.samples_rejected)
+    return StageSummary(
+        "pack",
+        rows_in=report.samples_in,
+        rows_kept=report.samples_packed,
+        rows_rejected=report.samples_rejected,
+    )
 
 
 def _image_size(ctx: PipelineContext) -> int:
@@ -65,6 +76,8 @@ def _image_size(ctx: PipelineContext) -> int:
 STAGE_RUNNERS: dict[str, Callable[[PipelineContext], StageSummary]] = {
     "ingest": run_ingest,
     "budget": run_budget_stage,
+    "filter": run_filter_stage,
+    "score": run_score_stage,
     "pack": run_pack_stage,
 }
 

@@ -71,29 +71,41 @@ def sample_status(run: RunFolder, flagged: str = "exclude") -> pl.DataFrame:
     Columns: sample_id, dataset, status, reasons (the rules still standing against it).
     """
     samples = pl.from_arrow(run.read("samples").select(["sample_id", "dataset"]))
-    ledger = pl.from_arrow(run.ledger().select(["sample_id", "dataset", "stage", "rule", "severity"]))
+    ledger = pl.from_arrow(
+        run.ledger().select(["sample_id", "dataset", "stage", "rule", "severity"])
+    )
     ledger = ledger.filter(pl.col("stage") != "ingest")  # ingest rejects never became samples
     decisions = load_decisions(run)
     by_rule = _latest(decisions.filter(pl.col("sample_id").is_null()), ["dataset", "rule"])
     by_sample = _latest(decisions.filter(pl.col("sample_id").is_not_null()), ["sample_id"])
-    ledger = ledger.join(by_rule.select("dataset", "rule", rule_decision="decision"),
-                         on=["dataset", "rule"], how="left")
+    ledger = ledger.join(
+        by_rule.select("dataset", "rule", rule_decision="decision"),
+        on=["dataset", "rule"],
+        how="left",
+    )
     ledger = ledger.filter(pl.col("rule_decision").fill_null("") != "keep").with_columns(
-        severity=pl.when(pl.col("rule_decision") == "reject").then(pl.lit("reject"))
-        .otherwise(pl.col("severity")))
+        severity=pl.when(pl.col("rule_decision") == "reject")
+        .then(pl.lit("reject"))
+        .otherwise(pl.col("severity"))
+    )
     per_sample = ledger.group_by("sample_id").agg(
         rejected=(pl.col("severity") == "reject").any(),
         flagged=(pl.col("severity") == "flag").any(),
         reasons=pl.col("rule").unique().sort(),
     )
     df = samples.join(per_sample, on="sample_id", how="left").join(
-        by_sample.select("sample_id", sample_decision="decision"), on="sample_id", how="left")
+        by_sample.select("sample_id", sample_decision="decision"), on="sample_id", how="left"
+    )
     flag_status = "keep" if flagged == "include" else "flag"
     status = (
-        pl.when(pl.col("sample_decision").is_not_null()).then(pl.col("sample_decision"))
-        .when(pl.col("rejected").fill_null(False)).then(pl.lit("reject"))
-        .when(pl.col("flagged").fill_null(False)).then(pl.lit(flag_status))
+        pl.when(pl.col("sample_decision").is_not_null())
+        .then(pl.col("sample_decision"))
+        .when(pl.col("rejected").fill_null(False))
+        .then(pl.lit("reject"))
+        .when(pl.col("flagged").fill_null(False))
+        .then(pl.lit(flag_status))
         .otherwise(pl.lit("keep"))
     )
     return df.with_columns(status=status, reasons=pl.col("reasons").fill_null([])).select(
-        "sample_id", "dataset", "status", "reasons")
+        "sample_id", "dataset", "status", "reasons"
+    )

@@ -14,8 +14,14 @@ from curate.run import CountInvariantError, RunFolder, RunLockedError, ShardResu
 
 def _result(n_in: int, n_kept: int) -> ShardResult:
     entries = [LedgerEntry(f"id{i}", "ds", i, "t", "bad") for i in range(n_in - n_kept)]
-    return ShardResult({"out": pa.table({"x": list(range(n_kept))})}, ledger_table(entries),
-                       n_in, n_kept, n_in - n_kept, rows_by_dataset={"ds": [n_in, n_kept, n_in - n_kept]})
+    return ShardResult(
+        {"out": pa.table({"x": list(range(n_kept))})},
+        ledger_table(entries),
+        n_in,
+        n_kept,
+        n_in - n_kept,
+        rows_by_dataset={"ds": [n_in, n_kept, n_in - n_kept]},
+    )
 
 
 def test_run_shards_commits_and_skips(tmp_path):

@@ -20,16 +20,20 @@ def pack_report_table(report):
         ("samples kept (status keep)", f"{report.samples_in:,}"),
         ("samples rejected over a cap", f"{report.samples_rejected:,}"),
         ("samples truncated", f"{report.samples_truncated:,}"),
-        ("samples not packed (status)", ", ".join(f"{k}: {v}" for k, v in
-                                                  report.samples_excluded.items()) or "0"),
+        (
+            "samples not packed (status)",
+            ", ".join(f"{k}: {v}" for k, v in report.samples_excluded.items()) or "0",
+        ),
         ("copies packed", f"{report.copies_packed:,}"),
         ("packs", f"{report.packs:,}"),
         ("lower bound max(⌈Σtok/C⌉, ⌈Σtiles/K⌉)", f"{report.lower_bound:,}"),
         ("packs / lower bound", f"{report.ratio_to_lower_bound:.4f}"),
         ("token fill", f"{report.token_fill:.2%}"),
         ("tile fill", f"{report.tile_fill:.2%}"),
-        ("padded batches would process", f"{report.padded_batch_tokens:,} tokens "
-                                         f"({report.padding_fraction_padded:.1%} padding)"),
+        (
+            "padded batches would process",
+            f"{report.padded_batch_tokens:,} tokens ({report.padding_fraction_padded:.1%} padding)",
+        ),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -38,14 +42,19 @@ def pack_report_table(report):
 
 def pack_command(
     run: RunOpt,
-    tokenizer: Annotated[Path | None, typer.Option(
-        help="local HF tokenizer dir (default: the one budget used)")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="local HF tokenizer dir (default: the one budget used)")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="C: tokens per pack")] = 16384,
     max_tiles: Annotated[int, typer.Option(help="K: tiles per pack")] = 48,
-    algorithm: Annotated[str, typer.Option(help="curate | internvl (online greedy buffer)")] = "curate",
+    algorithm: Annotated[
+        str, typer.Option(help="curate | internvl (online greedy buffer)")
+    ] = "curate",
     seed: Annotated[int, typer.Option(help="tie-breaks and shuffled pack order")] = 0,
     over_cap: Annotated[str, typer.Option(help="reject | truncate samples over a cap")] = "reject",
-    flagged: Annotated[str, typer.Option(help="exclude | include unreviewed flagged samples")] = "exclude",
+    flagged: Annotated[
+        str, typer.Option(help="exclude | include unreviewed flagged samples")
+    ] = "exclude",
     packs_per_shard: Annotated[int, typer.Option(help="packs per manifest shard")] = 1000,
 ) -> None:
     """Pack kept samples (times their copies) into padding-free sequences: RUN/packs/."""
@@ -62,14 +71,22 @@ def pack_command(
     if tokenizer is None:
         _fail("no tokenizer: pass --tokenizer or run `curate budget` first")
     try:
-        cfg = PackConfig(max_tokens=max_tokens, max_tiles=max_tiles, algorithm=algorithm, seed=seed,
-                         over_cap=over_cap, flagged=flagged, packs_per_shard=packs_per_shard)
+        cfg = PackConfig(
+            max_tokens=max_tokens,
+            max_tiles=max_tiles,
+            algorithm=algorithm,
+            seed=seed,
+            over_cap=over_cap,
+            flagged=flagged,
+            packs_per_shard=packs_per_shard,
+        )
     except ValueError as e:
         _fail(f"bad option: {e}")
     try:
         with folder.lock(), shard_progress("tokenize", len(folder.shards("budget"))) as on_shard:
-            report = run_pack(folder, cfg, tokenizer, image_size=info.get("image_size", 448),
-                              on_shard=on_shard)
+            report = run_pack(
+                folder, cfg, tokenizer, image_size=info.get("image_size", 448), on_shard=on_shard
+            )
     except (RunLockedError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(pack_report_table(report))
@@ -78,9 +95,13 @@ def pack_command(
 def export_command(
     run: RunOpt,
     out: Annotated[Path, typer.Option(help="output folder")],
-    format: Annotated[str, typer.Option(help="internvl (meta JSON + JSONL) | hf (save_to_disk)")] = "internvl",
+    format: Annotated[
+        str, typer.Option(help="internvl (meta JSON + JSONL) | hf (save_to_disk)")
+    ] = "internvl",
     embed_images: Annotated[bool, typer.Option(help="hf: embed image bytes, not paths")] = False,
-    flagged: Annotated[str, typer.Option(help="exclude | include unreviewed flagged samples")] = "exclude",
+    flagged: Annotated[
+        str, typer.Option(help="exclude | include unreviewed flagged samples")
+    ] = "exclude",
 ) -> None:
     """Export the kept samples for training elsewhere (InternVL's scripts or HF datasets)."""
     from curate.cli import _fail

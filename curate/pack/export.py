@@ -43,8 +43,13 @@ def to_annotation(sample: dict, root: str) -> dict:
         paths = [os.path.relpath(im["path"], real_root) for im in sample["images"]]
         record["image"] = paths[0] if sample["kind"] == "image" else paths
         if sample["kind"] == "image":
-            record["width"], record["height"] = sample["images"][0]["width"], sample["images"][0]["height"]
-    record["conversations"] = [{"from": t["role"], "value": t["text"]} for t in sample["conversations"]]
+            record["width"], record["height"] = (
+                sample["images"][0]["width"],
+                sample["images"][0]["height"],
+            )
+    record["conversations"] = [
+        {"from": t["role"], "value": t["text"]} for t in sample["conversations"]
+    ]
     return record
 
 
@@ -61,33 +66,45 @@ def export_internvl(run: RunFolder, out: str | Path, flagged: str = "exclude") -
         write_bytes_atomic(b"\n".join(lines) + (b"\n" if lines else b""), ann)
         d = datasets[name]
         meta[name] = {
-            "root": d["root"], "annotation": str(ann.resolve()), "data_augment": d["data_augment"],
-            "max_dynamic_patch": d["max_dynamic_patch"] or 12, "repeat_time": repeat[name],
+            "root": d["root"],
+            "annotation": str(ann.resolve()),
+            "data_augment": d["data_augment"],
+            "max_dynamic_patch": d["max_dynamic_patch"] or 12,
+            "repeat_time": repeat[name],
             "length": len(lines),
         }
     write_bytes_atomic(orjson.dumps(meta, option=orjson.OPT_INDENT_2), out / "meta.json")
     return out / "meta.json"
 
 
-def export_hf(run: RunFolder, out: str | Path, flagged: str = "exclude",
-              embed_images: bool = False) -> Path:
+def export_hf(
+    run: RunFolder, out: str | Path, flagged: str = "exclude", embed_images: bool = False
+) -> Path:
     import datasets as hf
 
     copies = pl.read_parquet(run.path / "repeat" / "copies.parquet").select("sample_id", "copies")
     n_copies = dict(copies.iter_rows())
     rows = kept_samples(run, flagged)
     image_feature = hf.Image() if embed_images else hf.Value("string")
-    features = hf.Features({
-        "sample_id": hf.Value("string"), "dataset": hf.Value("string"),
-        "domain": hf.Value("string"), "kind": hf.Value("string"),
-        "conversations": [{"from": hf.Value("string"), "value": hf.Value("string")}],
-        "images": [image_feature], "copies": hf.Value("int32"),
-    })
+    features = hf.Features(
+        {
+            "sample_id": hf.Value("string"),
+            "dataset": hf.Value("string"),
+            "domain": hf.Value("string"),
+            "kind": hf.Value("string"),
+            "conversations": [{"from": hf.Value("string"), "value": hf.Value("string")}],
+            "images": [image_feature],
+            "copies": hf.Value("int32"),
+        }
+    )
     data = {
-        "sample_id": [r["sample_id"] for r in rows], "dataset": [r["dataset"] for r in rows],
-        "domain": [r["domain"] for r in rows], "kind": [r["kind"] for r in rows],
-        "conversations": [[{"from": t["role"], "value": t["text"]} for t in r["conversations"]]
-                          for r in rows],
+        "sample_id": [r["sample_id"] for r in rows],
+        "dataset": [r["dataset"] for r in rows],
+        "domain": [r["domain"] for r in rows],
+        "kind": [r["kind"] for r in rows],
+        "conversations": [
+            [{"from": t["role"], "value": t["text"]} for t in r["conversations"]] for r in rows
+        ],
         "images": [[im["path"] for im in r["images"]] for r in rows],
         "copies": [n_copies.get(r["sample_id"], 1) for r in rows],
     }

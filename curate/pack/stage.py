@@ -80,8 +80,15 @@ def truncate_row(row: dict, max_tokens: int, img_start: int, img_end: int) -> di
         return None
     images = row["images"][:image_no]
     tiles = sum(im["cols"] * im["rows"] + int(im["thumbnail"]) for im in images)
-    return {**row, "input_ids": ids[:cut], "labels": labels, "n_tokens": cut,
-            "n_supervised": supervised, "tiles": tiles, "images": images}
+    return {
+        **row,
+        "input_ids": ids[:cut],
+        "labels": labels,
+        "n_tokens": cut,
+        "n_supervised": supervised,
+        "tiles": tiles,
+        "images": images,
+    }
 
 
 def _apply_caps(tokens: pa.Table, cfg: PackConfig, tokenizer_ids: tuple[int, int]):
@@ -97,12 +104,25 @@ def _apply_caps(tokens: pa.Table, cfg: PackConfig, tokenizer_ids: tuple[int, int
             if cut is not None:
                 truncated.append(cut)
                 continue
-        rule, value, cap = (("over_tile_cap", n_til[i], cfg.max_tiles) if n_til[i] > cfg.max_tiles
-                            else ("over_token_cap", n_tok[i], cfg.max_tokens))
-        entries.append(LedgerEntry(row["sample_id"], row["dataset"], -1, STAGE, rule, "reject",
-                                   float(value), float(cap),
-                                   f"{n_tok[i]} tokens, {n_til[i]} tiles; caps {cfg.max_tokens} "
-                                   f"tokens, {cfg.max_tiles} tiles"))
+        rule, value, cap = (
+            ("over_tile_cap", n_til[i], cfg.max_tiles)
+            if n_til[i] > cfg.max_tiles
+            else ("over_token_cap", n_tok[i], cfg.max_tokens)
+        )
+        entries.append(
+            LedgerEntry(
+                row["sample_id"],
+                row["dataset"],
+                -1,
+                STAGE,
+                rule,
+                "reject",
+                float(value),
+                float(cap),
+                f"{n_tok[i]} tokens, {n_til[i]} tiles; caps {cfg.max_tokens} "
+                f"tokens, {cfg.max_tiles} tiles",
+            )
+        )
     fits = tokens.filter(pa.array(~over))
     if truncated:
         fits = pa.concat_tables([fits, pa.Table.from_pylist(truncated, schema=TOKENS_SCHEMA)])
@@ -119,11 +139,17 @@ def _expand_copies(run, fits: pa.Table) -> np.ndarray:
 
 
 def assign_packs(tok: np.ndarray, til: np.ndarray, cfg: PackConfig) -> list[list[int]]:
+    """Packs in training order: a seeded shuffle (pack_lengths shuffles its own output)."""
     if cfg.algorithm == "internvl":
-        return internvl_greedy_pack(tok, til, max_tokens=cfg.max_tokens, max_tiles=cfg.max_tiles,
-                                    max_buffer_size=cfg.internvl_buffer_size)
-    return pack_lengths(tok, til, max_tokens=cfg.max_tokens, max_tiles=cfg.max_tiles,
-                        seed=cfg.seed)
+        packs = internvl_greedy_pack(
+            tok,
+            til,
+            max_tokens=cfg.max_tokens,
+            max_tiles=cfg.max_tiles,
+            max_buffer_size=cfg.internvl_buffer_size,
+        )
+        return [packs[i] for i in np.random.default_rng(cfg.seed).permutation(len(packs))]
+    return pack_lengths(tok, til, max_tokens=cfg.max_tokens, max_tiles=cfg.max_tiles, seed=cfg.seed)
 
 
 def _regroup(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
@@ -131,40 +157,43 @@ def _regroup(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def build_manifest(rows: pa.Table, packs: list[list[int]], seed: int) -> pa.Table:
+def build_manifest(rows: pa.Table, packs: list[list[int]]) -> pa.Table:
     """One manifest row per pack from the tokenised rows (``packs`` index ``rows``).
 
     Vectorised: rows are taken in pack order once, then every list column is regrouped by
     offsets, so a million samples take seconds, not a Python loop over tokens.
     """
-    order = np.random.default_rng(seed).permutation(len(packs))
-    packs = [packs[i] for i in order]
     flat = np.fromiter((i for p in packs for i in p), dtype=np.int64)
     per_pack = np.array([len(p) for p in packs], dtype=np.int64)
     taken = rows.take(pa.array(flat))
     tok = taken.column("n_tokens").to_numpy()
     pack_of = np.repeat(np.arange(len(packs)), per_pack)
     tokens_per_pack = np.bincount(pack_of, weights=tok, minlength=len(packs)).astype(np.int64)
-    tiles_per_pack = np.bincount(pack_of, weights=taken.column("tiles").to_numpy(),
-                                 minlength=len(packs)).astype(np.int64)
+    tiles_per_pack = np.bincount(
+        pack_of, weights=taken.column("tiles").to_numpy(), minlength=len(packs)
+    ).astype(np.int64)
     images = taken.column("images").combine_chunks()
     imgs_per_sample = pc.list_value_length(images).to_numpy(zero_copy_only=False)
     first_of_pack = np.concatenate([[0], np.cumsum(per_pack)[:-1]])
     index_in_pack = np.arange(len(flat)) - np.repeat(first_of_pack, per_pack)
     flat_images = pc.list_flatten(images)
     image_table = pa.StructArray.from_arrays(
-        [pa.array(np.repeat(index_in_pack, imgs_per_sample).astype(np.int32)),
-         *(flat_images.field(f) for f in ("path", "cols", "rows", "thumbnail", "data_augment"))],
+        [
+            pa.array(np.repeat(index_in_pack, imgs_per_sample).astype(np.int32)),
+            *(flat_images.field(f) for f in ("path", "cols", "rows", "thumbnail", "data_augment")),
+        ],
         fields=list(PACK_IMAGE_TYPE),
     )
     imgs_per_pack = np.bincount(pack_of, weights=imgs_per_sample, minlength=len(packs))
     columns = {
         "pack_id": pa.array(np.arange(len(packs), dtype=np.int64)),
         "sample_ids": _regroup(taken.column("sample_id").combine_chunks(), per_pack),
-        "input_ids": _regroup(pc.list_flatten(taken.column("input_ids").combine_chunks()),
-                              tokens_per_pack),
-        "labels": _regroup(pc.list_flatten(taken.column("labels").combine_chunks()),
-                           tokens_per_pack),
+        "input_ids": _regroup(
+            pc.list_flatten(taken.column("input_ids").combine_chunks()), tokens_per_pack
+        ),
+        "labels": _regroup(
+            pc.list_flatten(taken.column("labels").combine_chunks()), tokens_per_pack
+        ),
         "seq_lens": _regroup(pa.array(tok.astype(np.int32)), per_pack),
         "supervised": _regroup(taken.column("n_supervised").combine_chunks(), per_pack),
         "images": _regroup(image_table, imgs_per_pack.astype(np.int64)),
@@ -190,7 +219,9 @@ def _write_packs(run, manifest: pa.Table, packs_per_shard: int) -> None:
     staging = run.path / ".packs.new"
     shutil.rmtree(staging, ignore_errors=True)
     for k, start in enumerate(range(0, max(len(manifest), 1), packs_per_shard)):
-        write_parquet_atomic(manifest.slice(start, packs_per_shard), staging / f"part-{k:05d}.parquet")
+        write_parquet_atomic(
+            manifest.slice(start, packs_per_shard), staging / f"part-{k:05d}.parquet"
+        )
     old = run.path / ".packs.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -199,8 +230,9 @@ def _write_packs(run, manifest: pa.Table, packs_per_shard: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_pack(run, cfg: PackConfig, tokenizer: str | Path, image_size: int = 448,
-             on_shard=None) -> PackReport:
+def run_pack(
+    run, cfg: PackConfig, tokenizer: str | Path, image_size: int = 448, on_shard=None
+) -> PackReport:
     """Tokenise (resumable), select, cap, pack and write the manifest; returns the report."""
     from curate.budget.stage import _cached_tokenizer
 
@@ -214,7 +246,7 @@ def run_pack(run, cfg: PackConfig, tokenizer: str | Path, image_size: int = 448,
     n_tok = copies.column("n_tokens").to_numpy().astype(np.int64)
     n_til = copies.column("tiles").to_numpy().astype(np.int64)
     packs = assign_packs(n_tok, n_til, cfg)
-    manifest = build_manifest(copies, packs, cfg.seed)
+    manifest = build_manifest(copies, packs)
     _write_packs(run, manifest, cfg.packs_per_shard)
     write_parquet_atomic(ledger_table(entries), run.ledger_path(STAGE, "all"))
     report = _report(cfg, status, eligible, entries, n_truncated, n_tok, n_til, packs)
@@ -229,13 +261,20 @@ def _report(cfg, status, eligible, entries, n_truncated, n_tok, n_til, packs) ->
     padded = padded_cost(n_tok, batch, cfg.seed) if len(n_tok) else 0
     excluded = dict(status.filter(pl.col("status") != "keep").group_by("status").len().iter_rows())
     return PackReport(
-        samples_in=len(eligible), samples_packed=len(eligible) - len(entries),
-        samples_rejected=len(entries), samples_truncated=n_truncated,
-        samples_excluded=excluded, copies_packed=len(n_tok), packs=n_packs, lower_bound=lb,
+        samples_in=len(eligible),
+        samples_packed=len(eligible) - len(entries),
+        samples_rejected=len(entries),
+        samples_truncated=n_truncated,
+        samples_excluded=excluded,
+        copies_packed=len(n_tok),
+        packs=n_packs,
+        lower_bound=lb,
         ratio_to_lower_bound=round(n_packs / lb, 5) if lb else 1.0,
         token_fill=round(float(n_tok.sum()) / max(n_packs * cfg.max_tokens, 1), 5),
         tile_fill=round(float(n_til.sum()) / max(n_packs * cfg.max_tiles, 1), 5),
-        tokens=int(n_tok.sum()), tiles=int(n_til.sum()), padded_batch_tokens=padded,
+        tokens=int(n_tok.sum()),
+        tiles=int(n_til.sum()),
+        padded_batch_tokens=padded,
         padding_fraction_padded=round(float(1 - n_tok.sum() / padded), 5) if padded else 0.0,
         algorithm=cfg.algorithm,
     )

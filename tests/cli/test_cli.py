@@ -15,10 +15,17 @@ runner = CliRunner()
 
 
 def test_help_is_fast_and_lists_commands():
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import curate.cli"],
-                         capture_output=True, text=True, check=True)
-    heavy = [m for m in ("torch", "vllm", "ray", "transformers")
-             if re.search(rf"\|\s+{m}$", out.stderr, re.MULTILINE)]
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import curate.cli"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    heavy = [
+        m
+        for m in ("torch", "vllm", "ray", "transformers")
+        if re.search(rf"\|\s+{m}$", out.stderr, re.MULTILINE)
+    ]
     assert heavy == []  # heavy libraries are imported by the commands that need them
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
@@ -28,8 +35,16 @@ def test_help_is_fast_and_lists_commands():
 
 def test_budget_command_end_to_end(demo_dir, tokenizer_dir, tmp_path):
     run = tmp_path / "run"
-    args = ["budget", str(demo_dir / "meta.json"), "--run", str(run), "--tokenizer",
-            str(tokenizer_dir), "--shard-lines", "50"]
+    args = [
+        "budget",
+        str(demo_dir / "meta.json"),
+        "--run",
+        str(run),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--shard-lines",
+        "50",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "budget per dataset" in result.output and "effective" in result.output
@@ -40,7 +55,9 @@ def test_budget_command_end_to_end(demo_dir, tokenizer_dir, tmp_path):
 
 
 def test_ingest_command_reports_meta_error(tmp_path):
-    result = runner.invoke(app, ["ingest", str(tmp_path / "nope.json"), "--run", str(tmp_path / "r")])
+    result = runner.invoke(
+        app, ["ingest", str(tmp_path / "nope.json"), "--run", str(tmp_path / "r")]
+    )
     assert result.exit_code == 2 and "meta file not found" in result.output
 
 

@@ -1,0 +1,202 @@
+"""The pack stage on the budgeted demo run: coverage, caps, manifest consistency, review,
+determinism, over-cap handling, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import polars as pl
+import pytest
+
+from curate.budget.stage import load_tokenizer
+from curate.chat import IGNORE_INDEX, IMG_CONTEXT, IMG_END, IMG_START
+from curate.pack.config import PackConfig
+from curate.pack.export import export_hf, export_internvl
+from curate.pack.manifest import tiles_of
+from curate.pack.stage import run_pack, truncate_row
+from curate.review import add_decisions
+from curate.run import RunFolder
+
+
+@pytest.fixture(scope="module")
+def packed(budgeted_run, tokenizer_dir, tmp_path_factory):
+    import shutil
+
+    run = tmp_path_factory.mktemp("pack") / "run"
+    shutil.copytree(budgeted_run, run)
+    report = run_pack(
+        RunFolder(run), PackConfig(max_tokens=8192, max_tiles=40, packs_per_shard=7), tokenizer_dir
+    )
+    return RunFolder(run), report
+
+
+def _manifest(run: RunFolder) -> list[dict]:
+    return run.read("packs").to_pylist()
+
+
+def test_every_copy_exactly_once_and_caps(packed):
+    run, report = packed
+    packs = _manifest(run)
+    copies = dict(
+        pl.read_parquet(run.path / "repeat" / "copies.parquet")
+        .select("sample_id", "copies")
+        .iter_rows()
+    )
+    seen = pl.Series([s for p in packs for s in p["sample_ids"]]).value_counts()
+    assert dict(seen.iter_rows()) == {k: v for k, v in copies.items() if v > 0}
+    assert all(p["n_tokens"] <= 8192 and p["n_tiles"] <= 40 for p in packs)
+    assert report.packs == len(packs) and len(run.shards("packs")) == -(-len(packs) // 7)
+    assert report.ratio_to_lower_bound <= 1.1
+
+
+def test_lengths_images_and_labels_agree(packed, tokenizer_dir):
+    run, _ = packed
+    tok = load_tokenizer(tokenizer_dir)
+    ctx, start, end = (tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END))
+    for p in _manifest(run):
+        ids = np.array(p["input_ids"])
+        assert len(ids) == len(p["labels"]) == sum(p["seq_lens"]) == p["n_tokens"]
+        cu = np.concatenate([[0], np.cumsum(p["seq_lens"])])
+        for k in range(len(p["seq_lens"])):
+            seg_ids = ids[cu[k] : cu[k + 1]]
+            seg_labels = np.array(p["labels"][cu[k] : cu[k + 1]])
+            imgs = [im for im in p["images"] if im["sample_index"] == k]
+            assert (seg_ids == ctx).sum() == 256 * sum(tiles_of(im) for im in imgs)
+            assert (seg_ids == start).sum() == (seg_ids == end).sum() == len(imgs)
+            assert (seg_labels != IGNORE_INDEX).sum() == p["supervised"][k] > 0
+            assert not np.isin(seg_labels, [ctx, start, end]).any()  # images are never trained
+        assert p["n_tiles"] == sum(tiles_of(im) for im in p["images"])
+
+
+def test_same_seed_same_manifest(packed, tokenizer_dir, run_copy):
+    run, _ = packed
+    again = RunFolder(run_copy(run.path))
+    run_pack(again, PackConfig(max_tokens=8192, max_tiles=40, packs_per_shard=7), tokenizer_dir)
+    assert again.read("packs").equals(run.read("packs"))
+    run_pack(
+        again, PackConfig(max_tokens=8192, max_tiles=40, packs_per_shard=7, seed=1), tokenizer_dir
+    )
+    assert not again.read("packs").equals(run.read("packs"))
+
+
+def test_over_cap_samples_go_to_ledger(budgeted_run, tokenizer_dir, run_copy):
+    run = RunFolder(run_copy(budgeted_run))
+    report = run_pack(run, PackConfig(max_tokens=3000, max_tiles=12), tokenizer_dir)
+    ledger = run.ledger("pack").to_pylist()
+    assert report.samples_rejected == len(ledger) > 0
+    assert {e["rule"] for e in ledger} == {"over_token_cap", "over_tile_cap"}
+    for e in ledger:
+        assert e["value"] > e["threshold"] and "caps 3000 tokens, 12 tiles" in e["detail"]
+    packed_ids = {s for p in _manifest(run) for s in p["sample_ids"]}
+    assert not packed_ids & {e["sample_id"] for e in ledger}
+    assert report.samples_in == report.samples_packed + report.samples_rejected
+
+
+def test_truncate_never_cuts_inside_an_image():
+    img = [1, 7, 7, 7, 2]  # <img> ctx ctx ctx </img>
+    row = {
+        "input_ids": [5, 5] + img + [6, 6, 6, 6],
+        "labels": [-100] * 7 + [6, 6, 6, 6],
+        "images": [{"cols": 1, "rows": 1, "thumbnail": False}],
+        "n_tokens": 11,
+    }
+    assert truncate_row(row, 4, 1, 2) is None  # cut before the image leaves nothing to train
+    row2 = {**row, "input_ids": [5, 6] + img + [6], "labels": [-100, 6] + [-100] * 5 + [6]}
+    cut = truncate_row(row2, 5, 1, 2)
+    assert cut["input_ids"] == [5, 6] and cut["images"] == [] and cut["tiles"] == 0
+    assert cut["n_supervised"] == 1
+
+
+def test_truncate_mode_packs_long_samples(budgeted_run, tokenizer_dir, run_copy):
+    run = RunFolder(run_copy(budgeted_run))
+    # Text-only answers longer than 200 tokens are cut; image samples whose cut leaves no
+    # answer (images come first) are rejected instead.
+    report = run_pack(
+        run, PackConfig(max_tokens=200, max_tiles=40, over_cap="truncate"), tokenizer_dir
+    )
+    assert report.samples_truncated > 0 and report.samples_rejected > 0
+    assert all(p["n_tokens"] <= 200 for p in _manifest(run))
+    assert all(s > 0 for p in _manifest(run) for s in p["supervised"])
+
+
+def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run_copy):
+    run = RunFolder(run_copy(budgeted_run))
+    samples = run.read("samples").to_pylist()
+    victim, restored = samples[0], samples[1]
+    # A later stage rejected `restored` and flagged `flagged`; review restores one, drops another.
+    from curate.io import write_parquet_atomic
+    from curate.records import LedgerEntry, ledger_table
+
+    flagged = samples[2]
+    write_parquet_atomic(
+        ledger_table(
+            [
+                LedgerEntry(
+                    restored["sample_id"], restored["dataset"], restored["line"], "filter", "x"
+                ),
+                LedgerEntry(
+                    flagged["sample_id"], flagged["dataset"], flagged["line"], "filter", "y", "flag"
+                ),
+            ]
+        ),
+        run.ledger_path("filter", "manual"),
+    )
+    cfg = PackConfig(max_tokens=8192, max_tiles=40)
+    run_pack(run, cfg, tokenizer_dir)
+    ids = {s for p in _manifest(run) for s in p["sample_ids"]}
+    assert restored["sample_id"] not in ids and flagged["sample_id"] not in ids
+    assert victim["sample_id"] in ids
+    add_decisions(
+        run,
+        [
+            {"sample_id": restored["sample_id"], "decision": "keep", "note": "fine"},
+            {"sample_id": victim["sample_id"], "decision": "reject", "note": "bad"},
+        ],
+    )
+    run_pack(run, cfg, tokenizer_dir)
+    ids = {s for p in _manifest(run) for s in p["sample_ids"]}
+    assert restored["sample_id"] in ids and victim["sample_id"] not in ids
+    assert flagged["sample_id"] not in ids  # flagged and unreviewed: not packed by default
+    add_decisions(run, [{"dataset": flagged["dataset"], "rule": "y", "decision": "keep"}])
+    run_pack(run, cfg, tokenizer_dir)
+    assert flagged["sample_id"] in {s for p in _manifest(run) for s in p["sample_ids"]}
+
+
+def test_internvl_algorithm_by_name(budgeted_run, tokenizer_dir, run_copy, packed):
+    run = RunFolder(run_copy(budgeted_run))
+    report = run_pack(
+        run, PackConfig(max_tokens=8192, max_tiles=40, algorithm="internvl"), tokenizer_dir
+    )
+    assert report.algorithm == "internvl" and report.packs >= packed[1].packs
+
+
+def test_export_internvl_round_trip(packed, tmp_path):
+    from curate.ingest.config import IngestConfig
+    from curate.ingest.stage import ingest
+
+    run, _ = packed
+    meta = export_internvl(run, tmp_path / "export")
+    spec = orjson.loads(meta.read_bytes())
+    assert spec["doc_ocr"]["repeat_time"] == 2.0 and spec["chart_qa"]["max_dynamic_patch"] == 6
+    again = RunFolder(tmp_path / "again")
+    summary = ingest(str(meta), again, IngestConfig())
+    assert summary.rows_rejected == 0 and summary.rows_in == len(run.read("samples"))
+    before = {
+        (s["dataset"], tuple(i["path"] for i in s["images"]))
+        for s in run.read("samples").to_pylist()
+    }
+    after = {
+        (s["dataset"], tuple(i["path"] for i in s["images"]))
+        for s in again.read("samples").to_pylist()
+    }
+    assert before == after
+
+
+def test_export_hf(packed, tmp_path):
+    import datasets
+
+    run, _ = packed
+    export_hf(run, tmp_path / "hf", embed_images=False)
+    ds = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert len(ds) == len(run.read("samples"))
+    assert set(ds.column_names) >= {"sample_id", "conversations", "images", "copies"}
