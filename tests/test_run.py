@@ -69,9 +69,11 @@ def test_second_process_is_refused(tmp_path):
     p.start()
     try:
         assert ready.wait(20)
-        with pytest.raises(RunLockedError, match="in use by another curate process"):
-            with RunFolder(tmp_path).lock():
-                pass
+        with (
+            pytest.raises(RunLockedError, match="in use by another curate process"),
+            RunFolder(tmp_path).lock(),
+        ):
+            pass
     finally:
         release.set()
         p.join(10)
