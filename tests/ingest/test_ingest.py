@@ -223,3 +223,18 @@ def test_meta_errors(tmp_path):
         load_meta(tmp_path / "m.json")
     with pytest.raises(MetaError, match="not found"):
         load_meta(tmp_path / "nope.json")
+
+
+def test_parallel_workers_give_identical_outputs(demo_dir, tmp_path):
+    from curate.io import read_json
+
+    outs = []
+    for workers in (1, 2):
+        run = RunFolder(tmp_path / f"w{workers}")
+        ingest(str(demo_dir / "meta.json"), run, IngestConfig(shard_lines=40, workers=workers))
+        outs.append(run)
+    assert outs[0].read("samples").equals(outs[1].read("samples"))
+    assert outs[0].ledger().equals(outs[1].ledger())
+    for name in ("rows_in", "rows_kept", "rows_rejected", "by_dataset", "by_rule"):
+        assert read_json(outs[0].stats_path("ingest"))[name] == read_json(
+            outs[1].stats_path("ingest"))[name]
