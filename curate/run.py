@@ -20,6 +20,7 @@ shard or one that is redone in full on the next run. Counts are checked per shar
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import time
 from collections import Counter
@@ -235,7 +236,10 @@ def run_shards(
     """
     todo = [s for s in shards if not run.is_done(stage, s, fingerprint)]
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # forkserver, not fork: a forked child of a process that already used polars' or
+        # tokenizers' thread pools can hang on a lock held by a thread that did not survive.
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {s: pool.submit(_timed, process, s) for s in todo}
             for shard, fut in futures.items():
                 result, seconds = fut.result()
