@@ -109,3 +109,60 @@ def sample_status(run: RunFolder, flagged: str = "exclude") -> pl.DataFrame:
     return df.with_columns(status=status, reasons=pl.col("reasons").fill_null([])).select(
         "sample_id", "dataset", "status", "reasons"
     )
+
+
+def current_decisions(run: RunFolder) -> pl.DataFrame:
+    """The decisions in force: the latest per sample and per (dataset, rule), newest first.
+
+    Columns: DECISION_SCHEMA's plus ``scope`` (sample | rule) and ``superseded`` (how many
+    earlier decisions for the same key it replaced).
+    """
+    decisions = load_decisions(run)
+    parts = []
+    for scope, keys, rows in (
+        ("sample", ["sample_id"], decisions.filter(pl.col("sample_id").is_not_null())),
+        ("rule", ["dataset", "rule"], decisions.filter(pl.col("sample_id").is_null())),
+    ):
+        counts = rows.group_by(keys).agg(superseded=pl.len() - 1)
+        latest = _latest(rows, keys).join(counts, on=keys, how="left")
+        parts.append(latest.with_columns(scope=pl.lit(scope)))
+    cols = [*DECISION_SCHEMA.names, "scope", "superseded"]
+    return pl.concat([p.select(cols) for p in parts]).sort("decided_at", descending=True)
+
+
+def pending_review(run: RunFolder) -> pl.DataFrame:
+    """Flagged samples awaiting a decision, with the flag rules standing against each.
+
+    Columns: sample_id, dataset, line, rules (list of ``rule (value vs threshold)`` strings
+    from the ledger) and reasons (the rule names ``sample_status`` reports).
+    """
+    status = sample_status(run).filter(pl.col("status") == "flag")
+    ledger = pl.from_arrow(
+        run.ledger().select(
+            ["sample_id", "dataset", "line", "stage", "rule", "severity", "value", "threshold"]
+        )
+    )
+    standing = status.select("sample_id", rule="reasons").explode("rule")
+    ledger = ledger.filter(pl.col("stage") != "ingest").join(
+        standing, on=["sample_id", "rule"], how="semi"
+    )
+    text = pl.format(
+        "{} ({} vs {})",
+        "rule",
+        pl.col("value").round(4).cast(pl.Utf8).fill_null("-"),
+        pl.col("threshold").round(4).cast(pl.Utf8).fill_null("-"),
+    )
+    per_sample = ledger.group_by("sample_id").agg(
+        line=pl.col("line").max(), rules=text.unique().sort()
+    )
+    return (
+        status.join(per_sample, on="sample_id", how="left")
+        .select("sample_id", "dataset", "line", "rules", "reasons")
+        .sort("dataset", "line")
+    )
+
+
+def status_totals(run: RunFolder, flagged: str = "exclude") -> dict[str, int]:
+    """How many samples are keep / reject / flag right now (``sample_status`` counted)."""
+    counts = dict(sample_status(run, flagged).group_by("status").len().iter_rows())
+    return {s: int(counts.get(s, 0)) for s in ("keep", "reject", "flag")}

@@ -1,0 +1,153 @@
+"""`curate report`: one self-contained HTML file, safe against hostile sample text, capped
+gallery, the pipeline's last step; and a headless Chromium screenshot of it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from curate.cli import app
+from curate.config import load_pipeline
+from curate.inspect.config import ReportConfig
+from curate.inspect.report import write_report
+from curate.run import RunFolder
+from tests.inspect.conftest import make_hostile_conversation
+from tests.inspect.test_html import parse
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
+
+
+@pytest.fixture(scope="module")
+def hostile_report(planted_run, tmp_path_factory):
+    """The planted run with a hostile conversation, and its report (gallery cap 5)."""
+    path, ids = planted_run
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(path, run)
+    make_hostile_conversation(RunFolder(run), ids["hostile"][0])
+    result = write_report(run, per_rule=5)
+    return run, ids, result, result.path.read_text()
+
+
+def test_report_is_self_contained(hostile_report):
+    run, ids, result, html = hostile_report
+    assert result.path == run / "report.html" and result.plots == 3
+    p = parse(html)
+    srcs = [a.get("src", "") for t, a in p.tags if "src" in a]
+    assert srcs and all(s.startswith("data:image/") for s in srcs)
+    assert sum(s.startswith("data:image/png;base64,") for s in srcs) == 3  # the plots
+    assert any(s.startswith("data:image/jpeg;base64,") for s in srcs)  # thumbnails
+    assert not [t for t, _ in p.tags if t in ("script", "link", "iframe", "object", "embed")]
+    hrefs = [a["href"] for t, a in p.tags if t == "a"]
+    assert hrefs and all(h.startswith("#") for h in hrefs)
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html)
+    csp = [a["content"] for t, a in p.tags if a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and "script-src 'none'" in csp[0] and "img-src data:" in csp[0]
+
+
+def test_report_escapes_hostile_text(hostile_report):
+    run, ids, result, html = hostile_report
+    p = parse(html)
+    assert "<script>" not in html and "<img src=x" not in html
+    assert all(not k.startswith("on") for _, attrs in p.tags for k in attrs)
+    text = "".join(p.text)
+    assert '<script>alert(1)</script>"><img src=x onerror="alert(2)">' in text  # conversation
+    assert "<script>alert(1)</script>\"><img src=x onerror=alert(2)> run of 'a'" in text  # ledger
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 2
+
+
+def test_gallery_per_rule_with_values_and_cap(hostile_report):
+    run, ids, result, html = hostile_report
+    assert result.per_rule["filter / many_rule (flag)"] == (5, 8)
+    assert result.per_rule["filter / char_run (reject)"] == (1, 1)
+    assert result.per_rule["score / quality_below_threshold (reject)"] == (3, 3)
+    section = html.split("filter / many_rule (flag): 8 samples", 1)[1].split("<section", 1)[0]
+    assert section.count('class="card"') == 5 and "and 3 more samples with this rule" in section
+    char = html.split("filter / char_run (reject): 1 sample<", 1)[1].split("<section", 1)[0]
+    assert ids["hostile"][0] in char and ">150<" in char and ">100<" in char
+    # flagged rules come first in the gallery
+    assert html.index("many_rule (flag)</a>") < html.index("char_run (reject)</a>")
+
+
+def test_report_command_and_default_cap(planted_run, tmp_path):
+    path, ids = planted_run
+    out = tmp_path / "r.html"
+    result = runner.invoke(app, ["report", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert str(out.resolve()) in "".join(result.output.split()) and out.stat().st_size > 10_000
+    assert "gallery rules" in result.output
+    assert not (path / "report.html").exists()  # --out respected, the run untouched
+    bad = runner.invoke(app, ["report", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "no samples/" in bad.output
+    assert ReportConfig().per_rule == 24
+
+
+def test_report_on_an_ingest_only_run(ingested_run, tmp_path):
+    result = write_report(ingested_run, tmp_path / "r.html")
+    assert result.plots == 1 and result.rules >= 5  # counts only; ingest rejects shown
+
+
+def test_pipeline_ends_with_the_report(planted_run, run_copy, capsys):
+    from curate.config import PipelineConfig, StagesConfig
+    from curate.pipeline import STAGE_RUNNERS, PipelineContext
+
+    assert list(STAGE_RUNNERS)[-1] == "report"
+    demo = load_pipeline(REPO / "pipelines" / "demo.yaml", check_paths=False)
+    assert demo.stages.report == ReportConfig()
+    path = run_copy(planted_run[0])
+    config = PipelineConfig.model_construct(
+        run=path, meta=path / "none.json", stages=StagesConfig(report=ReportConfig(per_rule=2))
+    )
+    summary = STAGE_RUNNERS["report"](PipelineContext(config, RunFolder(path)))
+    assert (path / "report.html").exists()
+    printed = "".join(capsys.readouterr().out.split())
+    assert f"report:{(path / 'report.html').resolve()}" in printed
+    assert summary.rows_in == summary.rows_kept + summary.rows_rejected
+    assert summary.rows_flagged == 10
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_screenshot_shows_the_gallery(hostile_report, tmp_path):
+    run, ids, result, html = hostile_report
+    shot = tmp_path / "shot.png"
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        result.path.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1280, 2000)
+    px = np.asarray(img).astype(np.int16)
+    assert px.std() > 20  # not blank
+    # the gallery is on screen: the orange "flag" badges of its cards (a colour no plot uses)
+    orange = (
+        (abs(px[..., 0] - 0xE6) < 12)
+        & (abs(px[..., 1] - 0x7E) < 12)
+        & (abs(px[..., 2] - 0x22) < 12)
+    )
+    assert orange.sum() > 200
+    rows = np.nonzero(orange.any(axis=1))[0]
+    assert rows.min() > 1000  # below the summary and the plots, where the gallery starts
+    shutil.copy(shot, run / "screenshot.png")  # for a human look when debugging
