@@ -14,8 +14,11 @@ import typer
 from curate.budget.config import BudgetConfig
 from curate.filters.cli import filter_command
 from curate.ingest.config import IngestConfig
+from curate.inspect.cli import report_command
 from curate.pack.cli import export_command, pack_command
+from curate.review_cli import review_command
 from curate.score.cli import score_command
+from curate.train.cli import train_command
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -164,6 +167,9 @@ app.command("filter")(filter_command)
 app.command("score")(score_command)
 app.command("pack")(pack_command)
 app.command("export")(export_command)
+app.command("review")(review_command)
+app.command("report")(report_command)
+app.command("train")(train_command)
 
 if __name__ == "__main__":
     app()

@@ -22,8 +22,10 @@ from pydantic import (
 from curate.budget.config import BudgetConfig
 from curate.filters.config import FilterConfig
 from curate.ingest.config import IngestConfig
+from curate.inspect.config import ReportConfig
 from curate.pack.config import PackConfig
 from curate.score.config import ScoreConfig
+from curate.train.config import TrainConfig
 
 
 class Strict(BaseModel):
@@ -53,6 +55,8 @@ class StagesConfig(Strict):
     filter: FilterConfig | None = None
     score: ScoreConfig | None = None
     pack: PackConfig | None = None
+    train: TrainConfig | None = None
+    report: ReportConfig | None = None
 
 
 class PipelineConfig(Strict):

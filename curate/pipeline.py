@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from curate.config import PipelineConfig
 from curate.console import console, rules_table, shard_progress, summary_table
 from curate.filters.cli import run_filter_stage
+from curate.inspect.cli import run_report_stage
 from curate.run import RunFolder, StageSummary
 from curate.score.cli import run_score_stage
+from curate.train.stage import run_train_stage
 
 
 @dataclass
@@ -79,6 +81,8 @@ STAGE_RUNNERS: dict[str, Callable[[PipelineContext], StageSummary]] = {
     "filter": run_filter_stage,
     "score": run_score_stage,
     "pack": run_pack_stage,
+    "train": run_train_stage,
+    "report": run_report_stage,
 }
 
 

@@ -163,8 +163,9 @@ def synthetic_mixture(
     return tokens, tiles
 
 
-def _lognormal_int(rng: np.random.Generator, n: int, median: float, sigma: float,
-                   lo: int, hi: int) -> np.ndarray:
+def _lognormal_int(
+    rng: np.random.Generator, n: int, median: float, sigma: float, lo: int, hi: int
+) -> np.ndarray:
     """Integer text lengths, log-normal around `median`, clipped to [lo, hi]."""
     x = rng.lognormal(np.log(median), sigma, size=n)
     return np.clip(np.rint(x), lo, hi).astype(np.int64)

@@ -1,0 +1,233 @@
+"""Batched constrained scoring (curate) vs one chat request per sample with a JSON reply.
+
+    python bench/score.py [--samples 48] [--judge demo|wide] [--json-max-tokens 128]
+
+Same engine (one ``vllm.LLM``, in process, float32, prefix caching on), same model, same
+samples, on both sides:
+
+- curate: every sample rendered with its domain prompt (rubric first), requests sorted by
+  prompt, one batched ``generate`` per ``--batch-size`` requests, the score decoded under a
+  choice constraint "0".."10" (2 tokens at most) with label logprobs, plus the follow-up
+  requests that make the label probabilities exact.
+- data-juicer's ``llm_quality_score_filter`` method: for each sample in turn, ``llm.chat``
+  with a system prompt asking for a JSON object of dimension scores, flags, rationale and
+  recommendation; the reply's outer braces are found with a regex and parsed with
+  ``json.loads`` (data-juicer keeps a sample whose reply does not parse). Our own prompt in
+  its format; one try per sample (data-juicer retries up to 3 times on a parse failure, so
+  this is its best case). ``--json-max-tokens`` bounds its reply: a real judge's reply in
+  that format is about 100-150 tokens; a random judge never stops early.
+
+``--judge demo`` is the tiny demo judge (hidden 128, 2 layers); ``--judge wide`` builds a
+larger random Qwen2 (hidden 512, 4 layers, 8 heads) with the demo tokenizer, where the
+forward pass weighs more than the per-step overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "curate-inductor"))
+
+SYSTEM_PROMPT = """You assess the quality of training data for language models. Read the data \
+sample and rate it on four dimensions, each from 1 (worst) to 5 (best):
+- accuracy: are the statements factually correct and verifiable?
+- grammar: is the language correct and fluent?
+- informativeness: how much useful content does it carry?
+- coherence: is it logically structured and consistent?
+
+Base every score on evidence in the text, punish hallucinated or false content hard, and flag
+samples a human should review. Answer with one JSON object and nothing else, in this form:
+{
+  "dimension_scores": {"accuracy": 4, "grammar": 5, "informativeness": 3, "coherence": 4},
+  "flags": ["minor_grammar_issues"],
+  "rationale": "One or two sentences explaining the scores.",
+  "recommendation": "keep"
+}
+recommendation is one of keep, review, discard."""
+INPUT_TEMPLATE = "# Data\n'''\n{data}\n'''\n\n# Response\njson\n"
+DIMENSIONS = ("accuracy", "grammar", "informativeness", "coherence")
+OUTER_BRACES = re.compile(r"(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})")
+
+
+def parse_json_reply(text: str) -> float | None:
+    """data-juicer's reading: the first balanced {...} (one nesting level), json.loads, the
+    mean of the dimension scores / 5; None when anything fails."""
+    match = OUTER_BRACES.search(text)
+    if not match:
+        return None
+    try:
+        data = json.loads(match.group(1))
+        scores = data["dimension_scores"]
+        return sum(float(scores[k]) for k in DIMENSIONS) / len(DIMENSIONS) / 5
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def build_wide_judge(out: Path, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def pick_samples(run, n: int) -> list[dict]:
+    """Round robin over datasets so every domain is in the mix."""
+    rows = run.read("samples").to_pylist()
+    by_ds: dict[str, list[dict]] = {}
+    for r in rows:
+        by_ds.setdefault(r["dataset"], []).append(r)
+    out = []
+    while len(out) < n and any(by_ds.values()):
+        for ds in sorted(by_ds):
+            if by_ds[ds] and len(out) < n:
+                out.append(by_ds[ds].pop(0))
+    return out
+
+
+def sample_text(sample: dict) -> str:
+    from curate.score.prompts import render_conversation
+
+    return render_conversation(sample["conversations"], sample["images"], kind=sample["kind"])
+
+
+def run_curate(scorer, samples: list[dict], batch_size: int) -> dict:
+    jobs = scorer.jobs(samples, lambda s: False)  # quality only: one score per sample
+    before = (scorer.stats.requests, scorer.stats.prompt_tokens, scorer.stats.cached_tokens)
+    t0 = time.perf_counter()
+    results = {}
+    for start in range(0, len(jobs), batch_size):
+        results.update(scorer.score(jobs[start : start + batch_size]))
+    seconds = time.perf_counter() - t0
+    s = scorer.stats
+    valid = sum(r.reading.score is not None for r in results.values())
+    return {
+        "seconds": seconds,
+        "valid": valid,
+        "requests": s.requests - before[0],
+        "hit": (s.cached_tokens - before[2]) / max(1, s.prompt_tokens - before[1]),
+    }
+
+
+def run_json_chat(llm, samples: list[dict], max_tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    prompt_tokens = cached = parsed = out_tokens = 0
+    t0 = time.perf_counter()
+    for s in samples:  # one request per sample, as the data-juicer op does
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": INPUT_TEMPLATE.format(data=f"**Text**\n{sample_text(s)}")},
+        ]
+        out = llm.chat(messages, params, use_tqdm=False)[0]
+        parsed += parse_json_reply(out.outputs[0].text) is not None
+        prompt_tokens += len(out.prompt_token_ids)
+        cached += out.num_cached_tokens or 0
+        out_tokens += len(out.outputs[0].token_ids)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "valid": parsed,
+        "hit": cached / max(1, prompt_tokens),
+        "out_tokens": out_tokens / len(samples),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=48)
+    ap.add_argument("--judge", choices=("demo", "wide"), default="demo")
+    ap.add_argument("--json-max-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--work", type=Path, default=None, help="folder for demo data (default: tmp)")
+    args = ap.parse_args()
+
+    from curate.demo.data import make_demo, make_demo_models
+    from curate.ingest.config import IngestConfig
+    from curate.ingest.stage import ingest
+    from curate.run import RunFolder
+    from curate.score.config import ScoreConfig
+    from curate.score.stage import Scorer
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_score_"))
+    if not (work / "meta.json").exists():
+        make_demo(work, seed=0, scale=2)
+    models = make_demo_models(work)
+    judge = (
+        models["judge"]
+        if args.judge == "demo"
+        else build_wide_judge(work / "models" / "judge_wide", models["tokenizer"])
+    )
+    run = RunFolder(work / "run")
+    if not run.shards("samples"):
+        ingest(str(work / "meta.json"), run, IngestConfig())
+    samples = pick_samples(run, args.samples)
+
+    cfg = ScoreConfig(
+        dtype="float32",
+        max_model_len=4096,
+        kv_cache_memory_bytes=256 << 20,
+        batch_size=args.batch_size,
+    )
+    t0 = time.perf_counter()
+    scorer = Scorer(cfg, judge)
+    llm = scorer._engine().llm
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s")
+    # Warm-up (kernel compilation, grammar compilation) on other samples, then a cold cache.
+    warm = pick_samples(run, args.samples + 8)[args.samples :]
+    run_curate(scorer, warm, args.batch_size)
+    run_json_chat(llm, warm[:2], 8)
+    llm.reset_prefix_cache()
+    ours = run_curate(scorer, samples, args.batch_size)
+    llm.reset_prefix_cache()
+    theirs = run_json_chat(llm, samples, args.json_max_tokens)
+
+    n = len(samples)
+    rate_ours, rate_theirs = n / ours["seconds"], n / theirs["seconds"]
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; judge: {args.judge} ({judge})")
+    print(f"samples: {n} (domains: {sorted({s['domain'] for s in samples})})\n")
+    print("| method | seconds | samples/s | valid scores | prefix-cache hit |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| curate: batched, choice 0..10 + label logprobs ({ours['requests']} requests) "
+        f"| {ours['seconds']:.2f} | {rate_ours:.1f} | {ours['valid']}/{n} "
+        f"| {ours['hit']:.1%} |"
+    )
+    print(
+        f"| one chat request per sample, JSON reply + regex (max_tokens "
+        f"{args.json_max_tokens}, {theirs['out_tokens']:.0f} generated/sample) "
+        f"| {theirs['seconds']:.2f} | {rate_theirs:.2f} | {theirs['valid']}/{n} parsed "
+        f"| {theirs['hit']:.1%} |"
+    )
+    print(f"\nratio: {rate_ours / rate_theirs:.1f}x samples/s")
+    scorer.close()
+
+
+if __name__ == "__main__":
+    main()
