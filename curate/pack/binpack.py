@@ -36,6 +36,7 @@ count (at most K + 1). 1M samples take a few seconds on one core.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -44,6 +45,8 @@ from numpy.typing import ArrayLike
 
 from curate.pack.internvl_packer import internvl_greedy_pack
 
+# A packer: (tokens, tiles, C, K) -> the sample indices of each pack.
+_Packer = Callable[[np.ndarray, np.ndarray, int, int], list[list[int]]]
 # The pattern LP's knapsack pricing is O(K) numpy steps; above this tile cap (InternVL uses
 # 40-48) the patterns packer is skipped.
 _MAX_PATTERN_TILES = 128
@@ -250,14 +253,14 @@ _PACKERS = (
 )
 
 
-def _packers_for(rho: float, max_tiles: int) -> list:
+def _packers_for(rho: float, max_tiles: int) -> list[_Packer]:
     """The packers whose load-ratio range holds rho, in `_PACKERS` order (at least one)."""
     usable = [
         packer
         for packer, lo, hi in _PACKERS
         if lo <= rho < hi and (packer is not _pack_by_patterns or max_tiles <= _MAX_PATTERN_TILES)
     ]
-    return usable or [_pack_by_token_fit]
+    return usable or [_pack_by_tile_fit if rho < 1 else _pack_by_token_fit]
 
 
 def _baseline_could_win(packs: int, bound: int, n: int) -> bool:
