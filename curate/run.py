@@ -20,21 +20,22 @@ shard or one that is redone in full on the next run. Counts are checked per shar
 from __future__ import annotations
 
 import fcntl
-import multiprocessing
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import xxhash
 
 from curate.io import read_json, read_parquet_files, write_json_atomic, write_parquet_atomic
 from curate.records import LEDGER_SCHEMA
+
+if TYPE_CHECKING:
+    from curate.executors import Executor
 
 
 class RunLockedError(RuntimeError):
@@ -141,6 +142,13 @@ class RunFolder:
                     p.unlink()
         self.stats_path(stage).unlink(missing_ok=True)
 
+    def remove_stale_temp_files(self) -> int:
+        """Delete temp files a killed process left (only safe while holding the lock)."""
+        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run's lock; a second process on the same run gets RunLockedError."""
@@ -156,6 +164,7 @@ class RunFolder:
                 ) from e
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
+            self.remove_stale_temp_files()
             yield
         finally:
             os.close(fd)
@@ -210,12 +219,6 @@ def _add_marker(summary: StageSummary, marker: dict) -> None:
         summary.by_rule[rule] = summary.by_rule.get(rule, 0) + n
 
 
-def _timed(process: Callable[[str], ShardResult], shard: str) -> tuple[ShardResult, float]:
-    t0 = time.perf_counter()
-    result = process(shard)
-    return result, time.perf_counter() - t0
-
-
 def run_shards(
     run: RunFolder,
     stage: str,
@@ -225,33 +228,26 @@ def run_shards(
     workers: int = 1,
     on_shard: Callable[[str, dict], None] | None = None,
     fingerprint: str = "",
+    executor: Executor | None = None,
 ) -> StageSummary:
     """Run ``process`` on every unfinished shard, commit each, and total all markers.
 
-    ``process`` must be picklable when ``workers > 1`` (a module-level function or a
-    ``functools.partial`` of one). Finished shards are skipped, so a rerun after a crash
-    only does what is missing. ``on_shard(shard, marker)`` is called after each commit
-    (progress bars live in the caller). ``fingerprint`` names the stage's settings: a shard
-    finished under other settings is done again.
+    ``executor`` decides where ``process(shard)`` runs (``curate.executors``; default: this
+    machine, ``workers`` processes); the commits, markers and stats happen here, on the
+    driver, whichever it is. ``process`` must be picklable when ``workers > 1`` or on Ray (a
+    module-level function or a ``functools.partial`` of one). Finished shards are skipped, so
+    a rerun after a crash only does what is missing. ``on_shard(shard, marker)`` is called
+    after each commit (progress bars live in the caller). ``fingerprint`` names the stage's
+    settings: a shard finished under other settings is done again.
     """
+    from curate.executors import LocalExecutor
+
     todo = [s for s in shards if not run.is_done(stage, s, fingerprint)]
-    if workers > 1 and len(todo) > 1:
-        # forkserver, not fork: a forked child of a process that already used polars' or
-        # tokenizers' thread pools can hang on a lock held by a thread that did not survive.
-        ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {s: pool.submit(_timed, process, s) for s in todo}
-            for shard, fut in futures.items():
-                result, seconds = fut.result()
-                marker = commit_shard(run, stage, shard, result, seconds, fingerprint)
-                if on_shard:
-                    on_shard(shard, marker)
-    else:
-        for shard in todo:
-            result, seconds = _timed(process, shard)
-            marker = commit_shard(run, stage, shard, result, seconds, fingerprint)
-            if on_shard:
-                on_shard(shard, marker)
+    executor = executor or LocalExecutor()
+    for shard, result, seconds in executor.map_shards(process, todo, workers=workers):
+        marker = commit_shard(run, stage, shard, result, seconds, fingerprint)
+        if on_shard:
+            on_shard(shard, marker)
     return finish_stage(run, stage, shards, skipped=len(shards) - len(todo))
 
 
