@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -47,6 +48,51 @@ class ModelsConfig(Strict):
     judge: Path | None = Field(None, description="local HF LLM dir that scores samples")
 
 
+class ExecutorConfig(Strict):
+    """Where shards run (``curate.executors``); the stages and their outputs do not change.
+
+    ``local``: processes on this machine (each stage's ``workers``). ``ray``: every shard is
+    a Ray task and the judge runs as vLLM engine actors; the run folder must be on storage
+    every node sees at the same path. Ray is only imported for ``kind: ray``.
+    """
+
+    kind: Literal["local", "ray"] = Field("local", description="local | ray")
+    address: str | None = Field(
+        None,
+        description='ray: null starts Ray on this machine; "auto" joins the cluster this '
+        'machine belongs to (`ray start`); "HOST:6379" a head\'s GCS; "ray://HOST:10001" '
+        "Ray Client",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="ray, address null only: CPUs of the local Ray (default: all)"
+    )
+    num_gpus_per_engine: float | None = Field(
+        None,
+        ge=0,
+        description="score: GPUs per vLLM engine actor (default: the score stage's "
+        "tensor_parallel_size); 0 runs the engines on CPUs",
+    )
+    engines: int | None = Field(
+        None,
+        ge=1,
+        description="score: vLLM engine actors, data parallel over each batch (default: the "
+        "cluster's GPUs // num_gpus_per_engine, 1 without GPUs)",
+    )
+    cpus_per_engine: int = Field(
+        1,
+        ge=1,
+        description="score: CPUs each engine actor holds; on CPU engines also their threads "
+        "(Ray sets OMP_NUM_THREADS to it; the thread count changes logprobs in the last bits)",
+    )
+    cpus_per_task: float = Field(1, gt=0, description="ray: CPUs each shard task holds")
+    max_retries: int = Field(
+        3, ge=0, description="ray: retries of a shard whose worker died (node lost, OOM-killed)"
+    )
+    connect_timeout_s: float = Field(
+        10, gt=0, description="ray: how long to try the address before giving up"
+    )
+
+
 class StagesConfig(Strict):
     """Stages in the order they run; a stage left out (or null) is not run."""
 
@@ -62,10 +108,18 @@ class StagesConfig(Strict):
 class PipelineConfig(Strict):
     run: Path = Field(description="run folder every stage reads and writes")
     meta: Path = Field(description="InternVL meta JSON naming the datasets")
-    executor: Literal["local"] = "local"
+    executor: ExecutorConfig = Field(
+        default_factory=ExecutorConfig, description="where shards run: local (default) or ray"
+    )
     demo: DemoConfig | None = None
     models: ModelsConfig = ModelsConfig()
     stages: StagesConfig
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_kind(cls, value: object) -> object:
+        # `executor: local` (the old form) and `executor: ray` name the kind alone.
+        return {"kind": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _paths_exist(self, info: ValidationInfo) -> PipelineConfig:

@@ -210,8 +210,12 @@ def budget_table(run: RunFolder, r: dict[str, float]) -> list[dict]:
     return table
 
 
-def run_budget(run: RunFolder, cfg: BudgetConfig, tokenizer: str, on_shard=None) -> StageSummary:
-    """Budget every ingested shard, then decide repeat copies and write stats/budget_table.json."""
+def run_budget(
+    run: RunFolder, cfg: BudgetConfig, tokenizer: str, on_shard=None, executor=None
+) -> StageSummary:
+    """Budget every ingested shard, then decide repeat copies and write stats/budget_table.json.
+
+    ``executor`` (``curate.executors``) decides where shards are budgeted; default: here."""
     datasets = load_datasets(run)
     record_run_info(run, tokenizer=str(Path(tokenizer).resolve()), image_size=cfg.image_size)
     process = partial(process_shard, run, datasets, cfg, str(tokenizer))
@@ -226,6 +230,7 @@ def run_budget(run: RunFolder, cfg: BudgetConfig, tokenizer: str, on_shard=None)
         workers=cfg.workers,
         on_shard=on_shard,
         fingerprint=fingerprint,
+        executor=executor,
     )
     _, r = compute_copies(run, cfg)
     write_json_atomic(budget_table(run, r), run.path / "stats" / "budget_table.json")

@@ -51,7 +51,8 @@ def run_filter_stage(ctx: PipelineContext) -> StageSummary:
     from curate.filters.stage import run_filter
 
     with shard_progress("filter", len(ctx.run.shards("samples"))) as on_shard:
-        summary = run_filter(ctx.run, ctx.config.stages.filter, on_shard=on_shard)
+        summary = run_filter(ctx.run, ctx.config.stages.filter, on_shard=on_shard,
+                             executor=ctx.executor)
     console.print(rule_table(rule_rows(ctx.run, summary)))
     return summary
 

@@ -118,9 +118,11 @@ def _settings(cfg: FilterConfig) -> dict:
     return cfg.model_dump(mode="json", exclude={"workers", "batch_rows"})
 
 
-def run_filter(run: RunFolder, config: FilterConfig | None = None, on_shard=None) -> StageSummary:
+def run_filter(run: RunFolder, config: FilterConfig | None = None, on_shard=None,
+               executor=None) -> StageSummary:
     """Filter every ingested shard of the run; finished shards are skipped, unless the rule
-    settings changed since they were filtered (then the whole stage runs again)."""
+    settings changed since they were filtered (then the whole stage runs again).
+    ``executor`` (``curate.executors``) decides where shards are filtered; default: here."""
     cfg = config or FilterConfig()
     check_overrides(run, cfg)
     settings_path = run.path / "stats" / "filter_settings.json"
@@ -132,4 +134,5 @@ def run_filter(run: RunFolder, config: FilterConfig | None = None, on_shard=None
     todo = [s for s in shards if not run.is_done(STAGE, s)]
     duplicates = find_duplicates(run, shards, dataset_order(run), workers) if todo else {}
     process = partial(process_shard, str(run.path), cfg, duplicates)
-    return run_shards(run, STAGE, shards, process, workers=workers, on_shard=on_shard)
+    return run_shards(run, STAGE, shards, process, workers=workers, on_shard=on_shard,
+                      executor=executor)

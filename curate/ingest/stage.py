@@ -231,9 +231,11 @@ def plan_size(meta: str, shard_lines: int) -> int:
 
 
 def ingest(
-    meta: str, run: RunFolder, options: IngestConfig | None = None, on_shard=None
+    meta: str, run: RunFolder, options: IngestConfig | None = None, on_shard=None, executor=None
 ) -> StageSummary:
-    """Ingest every dataset of a meta JSON into the run folder; finished shards are skipped."""
+    """Ingest every dataset of a meta JSON into the run folder; finished shards are skipped.
+
+    ``executor`` (``curate.executors``) decides where shards are parsed; default: here."""
     options = options or IngestConfig()
     specs = load_meta(meta)
     tasks, line_counts = plan(specs, options.shard_lines)
@@ -250,4 +252,5 @@ def ingest(
         workers=options.workers,
         on_shard=on_shard,
         fingerprint=fingerprint,
+        executor=executor,
     )
