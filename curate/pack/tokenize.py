@@ -17,6 +17,7 @@ from curate.budget.stage import _cached_tokenizer
 from curate.budget.tiling import tokens_per_tile
 from curate.chat import IGNORE_INDEX, segments, tokenize
 from curate.ingest.stage import load_datasets
+from curate.io import read_json
 from curate.pack.config import PackConfig
 from curate.records import ledger_table
 from curate.run import RunFolder, ShardResult, StageSummary, run_shards, settings_fingerprint
@@ -129,11 +130,17 @@ def run_tokenize(
     if not shards:
         raise FileNotFoundError(f"{run.path} has no budget/: run `curate budget` first")
     process = partial(process_shard, run, cfg, str(tokenizer), load_datasets(run), image_size)
+    # Re-tokenise when the budget changed (its markers' settings and counts), not when it was
+    # merely rerun (markers also hold timings).
+    budget_markers = [
+        {k: v for k, v in read_json(run.marker_path("budget", s)).items() if k != "seconds"}
+        for s in shards
+    ]
     fingerprint = settings_fingerprint(
         cfg.system_prompt,
         Path(tokenizer).resolve(),
         image_size,
-        *(run.marker_path("budget", s).read_bytes() for s in shards),
+        budget_markers,
     )
     return run_shards(
         run, STAGE, shards, process, workers=cfg.workers, on_shard=on_shard, fingerprint=fingerprint
