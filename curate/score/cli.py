@@ -46,7 +46,7 @@ def distribution_table(rows: list[dict]):
     return t
 
 
-def score_with_progress(folder, cfg, model):
+def score_with_progress(folder, cfg, model, *, print_summary: bool = True):
     """Run the stage with a progress bar (requests, samples/s, prefix-cache hit rate), then
     print the stage summary and the score distribution per domain."""
     import time
@@ -56,7 +56,7 @@ def score_with_progress(folder, cfg, model):
     from curate.console import console, rules_table, summary_table
     from curate.score.stage import count_requests, score_distribution, score_run
 
-    total = count_requests(folder, cfg, folder.shards("samples"))
+    total = count_requests(folder, cfg, folder.shards("samples"), model)
     columns = (
         TextColumn("[bold]score"),
         BarColumn(),
@@ -80,9 +80,10 @@ def score_with_progress(folder, cfg, model):
             )
 
         summary, report = score_run(folder, cfg, model, on_chunk=on_chunk)
-    console.print(summary_table(summary))
-    if summary.by_rule:
-        console.print(rules_table(summary))
+    if print_summary:  # (the pipeline prints it for every stage itself)
+        console.print(summary_table(summary))
+        if summary.by_rule:
+            console.print(rules_table(summary))
     console.print(distribution_table(score_distribution(folder)))
     hit = "n/a" if report.cache_hit_rate is None else f"{report.cache_hit_rate:.1%}"
     console.print(
@@ -99,7 +100,7 @@ def run_score_stage(ctx):
     model = cfg.model or ctx.config.models.judge
     if model is None:
         raise ValueError("the score stage needs score.model or models.judge in the pipeline file")
-    return score_with_progress(ctx.run, cfg, model)
+    return score_with_progress(ctx.run, cfg, model, print_summary=False)
 
 
 def score_command(

@@ -30,7 +30,8 @@ class ScoreConfig(BaseModel):
     server_vllm_extras: bool = Field(
         True,
         description="send vLLM's structured_outputs / logprob_token_ids extras; turn off for "
-        "servers that reject them (then a reply that is not a score label is score_invalid)",
+        "servers that reject them (then a reply that is not a score label is score_invalid, "
+        "and label probabilities come from the top-5 logprobs only)",
     )
 
     # Prompts.

@@ -70,9 +70,15 @@ class VllmEngine:
     """``vllm.LLM`` in this process; every call is one batched ``generate``."""
 
     def __init__(self, cfg: ScoreConfig, model: Path, labels: LabelSet) -> None:
+        import torch
+
         self.cfg = cfg
         self.labels = labels
         self.stats = EngineStats()
+        # vLLM's CPU worker lowers torch's thread count and replaces torch.set_num_threads
+        # with a no-op for the whole process; close() puts both back, or a later fork (a
+        # DataLoader worker that calls set_num_threads(1)) hangs in the inherited OpenMP pool.
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         self.llm = _make_llm(cfg, model)
         self._params: dict[int | None, object] = {}
 
@@ -143,7 +149,15 @@ class VllmEngine:
         return results
 
     def close(self) -> None:
-        del self.llm
+        import gc
+
+        import torch
+
+        self.llm = None
+        gc.collect()
+        set_num_threads, n = self._torch_threads
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(n)
 
 
 def _make_llm(cfg: ScoreConfig, model: Path):
@@ -270,11 +284,14 @@ class OpenAIEngine:
         if resp.status_code != 200:
             try:
                 message = resp.json().get("error", {}).get("message") or resp.text
-            except ValueError:
+            except (ValueError, AttributeError):
                 message = resp.text
-            return RawOutput(
-                error=f"server rejected the request (HTTP {resp.status_code}): {str(message)[:300]}"
-            )
+            problem = f"(HTTP {resp.status_code}): {str(message)[:300]}"
+            if resp.status_code not in (400, 413, 422):
+                # Wrong URL, model name or credentials: every request would fail the same way.
+                self._down = EngineError(f"the scoring server at {self.base_url} failed {problem}")
+                raise self._down
+            return RawOutput(error=f"server rejected the request {problem}")
         data = resp.json()
         choice = data["choices"][0]
         usage = data.get("usage") or {}

@@ -5,8 +5,10 @@ the filter stage); every other sample gets a quality request with its domain's p
 samples the filters flagged ``repetition_suspect`` (all of them when the filter stage has not
 run, or with ``repetition_scope: all``) also get a repetition request. Requests are sorted by
 prompt so each prompt's shared rubric prefix is contiguous, and sent in chunks of
-``batch_size`` (one batched engine call each, plus one for follow-ups); each chunk's results
-are saved under ``_partial/score/`` so an interrupted run re-scores only what is missing.
+``batch_size`` (one batched engine call each, plus one for follow-ups); each chunk's raw
+results are saved in ``_cache/score/<shard>.parquet`` (keyed by sample, check and prompt, and
+by a fingerprint of model and prompt texts), so an interrupted run re-scores only what is
+missing, and a change of thresholds or repetition scope re-decides without re-scoring.
 
 Output ``scores/<shard>.parquet``: one row per scored sample (SCORES_SCHEMA). Ledger: quality
 below its threshold -> ``quality_below_threshold`` (reject); repetition below its threshold ->
@@ -28,10 +30,10 @@ import xxhash
 
 from curate.io import write_json_atomic, write_parquet_atomic
 from curate.records import LedgerEntry, ledger_table
-from curate.run import RunFolder, ShardResult, StageSummary, run_shards
+from curate.run import RunFolder, ShardResult, StageSummary, run_shards, settings_fingerprint
 from curate.score.config import ScoreConfig
 from curate.score.engines import EngineRequest, EngineStats, load_tokenizer, make_engine
-from curate.score.labels import LabelSet, Reading
+from curate.score.labels import LABELS, LabelSet, Reading
 from curate.score.prompts import PromptLibrary, apply_chat_template, render_user_message
 
 STAGE = "score"
@@ -64,10 +66,11 @@ SCORES_SCHEMA = pa.schema(
 )
 
 # One finished request, as saved between chunks.
-PARTIAL_SCHEMA = pa.schema(
+CACHE_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
         ("check", pa.string()),
+        ("prompt", pa.string()),
         ("score", pa.int8()),
         ("expected", pa.float32()),
         ("probs", PROBS),
@@ -90,13 +93,14 @@ class Job:
     check: str
     prompt_name: str
     sort_key: tuple
-    text: str = ""
+    sample: dict = field(default_factory=dict, repr=False)
+    text: str = ""  # filled by Scorer.render
     ids: list[int] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # VLM only
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.sample_id, self.check)
+    def key(self) -> tuple[str, str, str]:
+        return (self.sample_id, self.check, self.prompt_name)
 
 
 @dataclass
@@ -154,6 +158,49 @@ def filter_view(run: RunFolder, shard: str) -> tuple[set[str], set[str] | None]:
     return rejected, set(t.filter(suspect)["sample_id"].to_pylist())
 
 
+def content_fingerprint(cfg: ScoreConfig, model: Path, library: PromptLibrary) -> str:
+    """What a raw score depends on: judge, tokenizer, prompt texts, rendering, dtype, context.
+    Cached results made under another fingerprint are not reused."""
+    key = {
+        "model": str(Path(model).resolve()),
+        "tokenizer": str(Path(cfg.tokenizer or model).resolve()),
+        "prompts": {n: library.get(n).text for n in library.names()},
+        "labels": LABELS,
+        **cfg.model_dump(
+            mode="json",
+            include={"max_turn_chars", "vlm", "image_placeholder", "dtype", "max_model_len"},
+        ),
+    }
+    return xxhash.xxh3_64_hexdigest(orjson.dumps(key, option=orjson.OPT_SORT_KEYS))
+
+
+# Settings that decide keep / reject / review from raw scores (and which requests exist).
+DECISION_FIELDS = {
+    "domain_prompts",
+    "default_prompt",
+    "repetition_prompt",
+    "quality_threshold",
+    "quality_thresholds",
+    "repetition",
+    "repetition_scope",
+    "repetition_threshold",
+    "repetition_thresholds",
+    "threshold_on",
+    "invalid_severity",
+}
+
+
+def stage_fingerprint(cfg: ScoreConfig, content: str) -> str:
+    """The shard markers' fingerprint: a shard scored under other settings is done again
+    (from the cache when only decisions changed)."""
+    return settings_fingerprint(
+        content,
+        orjson.dumps(
+            cfg.model_dump(mode="json", include=DECISION_FIELDS), option=orjson.OPT_SORT_KEYS
+        ).decode(),
+    )
+
+
 class Scorer:
     """Renders, orders and scores jobs with one engine (created on first use)."""
 
@@ -165,21 +212,7 @@ class Scorer:
         self.labels = LabelSet(self.tokenizer)
         self.engine = None
         self._stats = EngineStats()  # an engine's totals, kept after it is closed
-        self.fingerprint = self._fingerprint()
-
-    def _fingerprint(self) -> str:
-        """Settings that change a raw score; partial results made with others are dropped."""
-        prompts = {n: self.library.get(n).text for n in self.library.names()}
-        key = {
-            "model": str(self.model.resolve()),
-            "tokenizer": str(Path(self.cfg.tokenizer or self.model).resolve()),
-            "prompts": prompts,
-            "max_turn_chars": self.cfg.max_turn_chars,
-            "vlm": self.cfg.vlm,
-            "image_placeholder": self.cfg.image_placeholder,
-            "labels": self.labels.labels,
-        }
-        return xxhash.xxh3_64_hexdigest(orjson.dumps(key, option=orjson.OPT_SORT_KEYS))
+        self.fingerprint = content_fingerprint(cfg, self.model, self.library)
 
     # -- jobs -------------------------------------------------------------------------------
     def quality_prompt(self, sample: dict) -> str:
@@ -192,34 +225,37 @@ class Scorer:
 
     def jobs(self, samples: Sequence[dict], repetition: Callable[[dict], bool]) -> list[Job]:
         """Every request for these samples (a repetition request where ``repetition(sample)``),
-        rendered and tokenised, in engine order."""
-        cfg = self.cfg
+        in engine order; rendered later, chunk by chunk (``render``)."""
         jobs = []
-        placeholder = cfg.image_placeholder if cfg.vlm else None
         for i, s in enumerate(samples):
             checks = [("quality", self.quality_prompt(s))]
             if repetition(s):
-                checks.append(("repetition", cfg.repetition_prompt))
+                checks.append(("repetition", self.cfg.repetition_prompt))
             for check, name in checks:
-                message = render_user_message(
-                    self.library.get(name),
-                    s,
-                    max_turn_chars=cfg.max_turn_chars,
-                    image_placeholder=placeholder,
-                )
-                images = [im["path"] for im in s.get("images") or []] if cfg.vlm else []
                 # Same prompt -> contiguous (shared rubric prefix); then dataset, then order.
-                jobs.append(
-                    Job(
-                        s["sample_id"], check, name, (name, s["dataset"], i), message, images=images
-                    )
-                )
+                jobs.append(Job(s["sample_id"], check, name, (name, s["dataset"], i), sample=s))
         jobs.sort(key=lambda j: j.sort_key)
-        texts = [apply_chat_template(self.tokenizer, j.text) for j in jobs]
-        ids = self.tokenizer(texts, add_special_tokens=False).input_ids if texts else []
-        for job, text, tok in zip(jobs, texts, ids, strict=True):
-            job.text, job.ids = text, tok
         return jobs
+
+    def render(self, jobs: Sequence[Job]) -> None:
+        """Fill each job's prompt text (chat template applied) and token ids."""
+        cfg = self.cfg
+        placeholder = cfg.image_placeholder if cfg.vlm else None
+        todo = [j for j in jobs if not j.ids]
+        texts = []
+        for j in todo:
+            message = render_user_message(
+                self.library.get(j.prompt_name),
+                j.sample,
+                max_turn_chars=cfg.max_turn_chars,
+                image_placeholder=placeholder,
+            )
+            texts.append(apply_chat_template(self.tokenizer, message))
+            if cfg.vlm:
+                j.images = [im["path"] for im in j.sample.get("images") or []]
+        ids = self.tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+        for job, text, tok in zip(todo, texts, ids, strict=True):
+            job.text, job.ids = text, tok
 
     # -- scoring ----------------------------------------------------------------------------
     def _engine(self):
@@ -234,6 +270,7 @@ class Scorer:
 
     def score(self, jobs: Sequence[Job]) -> dict[tuple[str, str], Result]:
         """Score jobs (one chunk): one batched engine call, then one for the follow-ups."""
+        self.render(jobs)
         limit = self.cfg.max_model_len - self.labels.max_tokens
         out: dict[tuple[str, str], Result] = {}
         runnable = []
@@ -274,32 +311,32 @@ class Scorer:
             self.engine = None
 
 
-# -- partial results --------------------------------------------------------------------------
-def partial_path(run: RunFolder, shard: str) -> Path:
-    return run.path / "_partial" / STAGE / f"{shard}.parquet"
+# -- raw results cache ------------------------------------------------------------------------
+Key = tuple[str, str, str]  # sample_id, check, prompt
 
 
-def load_partial(run: RunFolder, shard: str, fingerprint: str) -> dict[tuple[str, str], Result]:
-    path = partial_path(run, shard)
+def cache_path(run: RunFolder, shard: str) -> Path:
+    return run.path / "_cache" / STAGE / f"{shard}.parquet"
+
+
+def load_cache(run: RunFolder, shard: str, fingerprint: str) -> dict[Key, Result]:
+    path = cache_path(run, shard)
     if not path.exists():
         return {}
-    t = pq.read_table(path)
     done = {}
-    for r in t.to_pylist():
-        if r["fingerprint"] != fingerprint:
-            continue
-        reading = Reading(r["score"], r["expected"], r["probs"], r["reason"])
-        done[(r["sample_id"], r["check"])] = Result(reading, r["prompt_tokens"])
+    for r in pq.read_table(path).to_pylist():
+        if r["fingerprint"] == fingerprint:
+            reading = Reading(r["score"], r["expected"], r["probs"], r["reason"])
+            done[(r["sample_id"], r["check"], r["prompt"])] = Result(reading, r["prompt_tokens"])
     return done
 
 
-def save_partial(
-    run: RunFolder, shard: str, done: dict[tuple[str, str], Result], fingerprint: str
-) -> None:
+def save_cache(run: RunFolder, shard: str, done: dict[Key, Result], fingerprint: str) -> None:
     rows = [
         {
             "sample_id": sid,
             "check": check,
+            "prompt": prompt,
             "score": res.reading.score,
             "expected": res.reading.expected,
             "probs": res.reading.probs,
@@ -307,10 +344,9 @@ def save_partial(
             "prompt_tokens": res.prompt_tokens,
             "fingerprint": fingerprint,
         }
-        for (sid, check), res in done.items()
+        for (sid, check, prompt), res in done.items()
     ]
-    table = pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)
-    write_parquet_atomic(table, partial_path(run, shard))
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA), cache_path(run, shard))
 
 
 # -- one shard --------------------------------------------------------------------------------
@@ -339,12 +375,14 @@ def process_shard(
 ) -> ShardResult:
     samples, repetition = _considered(run, shard, cfg)
     jobs = scorer.jobs(samples, repetition)
-    done = load_partial(run, shard, scorer.fingerprint)
+    done = load_cache(run, shard, scorer.fingerprint)
     todo = [j for j in jobs if j.key not in done]
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
         done.update(scorer.score(chunk))
-        save_partial(run, shard, done, scorer.fingerprint)
+        for job in chunk:  # keep memory to one chunk of rendered prompts
+            job.text, job.ids = "", []
+        save_cache(run, shard, done, scorer.fingerprint)
         if on_chunk:
             on_chunk(chunk)
     return assemble(samples, jobs, done, cfg)
@@ -386,14 +424,14 @@ def assemble(
     samples: Sequence[dict], jobs: Sequence[Job], done: dict, cfg: ScoreConfig
 ) -> ShardResult:
     """The shard's scores table and ledger, in sample order (independent of request order)."""
-    prompts = {j.key: j.prompt_name for j in jobs}
+    prompts = {(j.sample_id, j.check): j.prompt_name for j in jobs}
     rows, entries = [], []
     by_dataset: dict[str, list[int]] = {}
     rejected = flagged = 0
     for s in samples:
         sid, ds, domain = s["sample_id"], s["dataset"], s["domain"]
         q_prompt = prompts[(sid, "quality")]
-        q = done[(sid, "quality")]
+        q = done[(sid, "quality", q_prompt)]
         q_thr = _threshold(cfg.quality_thresholds, cfg.quality_threshold, ds, domain, q_prompt)
         row = {
             "sample_id": sid,
@@ -412,7 +450,7 @@ def assemble(
         sample_entries = [_check_entry(cfg, s, "quality", q_prompt, q, q_thr)]
         if row["repetition_checked"]:
             r_prompt = prompts[(sid, "repetition")]
-            r = done[(sid, "repetition")]
+            r = done[(sid, "repetition", r_prompt)]
             r_thr = _threshold(
                 cfg.repetition_thresholds, cfg.repetition_threshold, ds, domain, r_prompt
             )
@@ -454,11 +492,15 @@ def assemble(
 
 
 # -- the stage --------------------------------------------------------------------------------
-def count_requests(run: RunFolder, cfg: ScoreConfig, shards: Sequence[str]) -> int:
-    """Requests the unfinished shards need (for a progress bar), without rendering them."""
+def count_requests(
+    run: RunFolder, cfg: ScoreConfig, shards: Sequence[str], model: str | Path | None = None
+) -> int:
+    """Requests the unfinished shards need at most (a progress bar's total): cached results
+    are not looked up."""
+    fingerprint = stage_fingerprint(cfg, _content(cfg, model))
     total = 0
     for shard in shards:
-        if run.is_done(STAGE, shard):
+        if run.is_done(STAGE, shard, fingerprint):
             continue
         samples, repetition = _considered(run, shard, cfg)
         total += len(samples) + sum(map(repetition, samples))
@@ -488,6 +530,11 @@ def score_run(
     if not shards:
         raise ScoreStageError(f"{run.path} has no samples/: run `curate ingest` first")
     t0 = time.perf_counter()
+    content = scorer.fingerprint if scorer is not None else _content(cfg, model)
+    fingerprint = stage_fingerprint(cfg, content)
+    if all(run.is_done(STAGE, s, fingerprint) for s in shards):  # no engine, no tokenizer
+        summary = run_shards(run, STAGE, shards, _nothing, fingerprint=fingerprint)
+        return summary, ScoreReport(seconds=round(time.perf_counter() - t0, 3))
     own = scorer is None
     scorer = scorer or Scorer(cfg, model)
     before = _copy_stats(scorer.stats)
@@ -502,16 +549,10 @@ def score_run(
         counted["samples"] += result.rows_in
         return result
 
-    def committed(shard: str, marker: dict) -> None:
-        partial_path(run, shard).unlink(missing_ok=True)
-        if on_shard:
-            on_shard(shard, marker)
-
     try:
-        for shard in shards:  # leftovers of shards finished just before a crash
-            if run.is_done(STAGE, shard):
-                partial_path(run, shard).unlink(missing_ok=True)
-        summary = run_shards(run, STAGE, shards, process, workers=1, on_shard=committed)
+        summary = run_shards(
+            run, STAGE, shards, process, on_shard=on_shard, fingerprint=fingerprint
+        )
     finally:
         if own:
             scorer.close()
@@ -531,6 +572,14 @@ def score_run(
         run.stats_path("score_engine"),
     )
     return summary, report
+
+
+def _content(cfg: ScoreConfig, model: str | Path | None) -> str:
+    return content_fingerprint(cfg, Path(model or cfg.model or ""), PromptLibrary(cfg.prompts_dir))
+
+
+def _nothing(shard: str) -> ShardResult:
+    raise AssertionError(f"{shard}: every shard is done")
 
 
 def _copy_stats(s: EngineStats) -> EngineStats:

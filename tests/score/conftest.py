@@ -1,7 +1,8 @@
-"""Fixtures of the score tests: a small run, one vLLM engine and one server per session.
+"""Fixtures of the score tests: a small run, one vLLM engine and one server for the engine
+tests.
 
-The engine (vLLM on the CPU, the tiny random judge) is made once per session and shared:
-starting it and compiling its kernels takes most of the time these tests need.
+The engine (vLLM on the CPU, the tiny random judge) is made once and shared: starting it and
+compiling its kernels takes most of the time these tests need.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def small_run(ingested_run, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def scorer(judge):
-    """One offline vLLM engine for the session (in process, float32, small KV cache)."""
+    """One offline vLLM engine for the engine tests (in process, float32, small KV cache).
+    Module scope: closing it gives torch its thread settings back before other tests fork
+    DataLoader workers (see VllmEngine.close)."""
     from curate.score.stage import Scorer
 
     s = Scorer(score_config(), judge)
@@ -128,7 +131,7 @@ class Server:
         self._log_file.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def judge_server_started(judge, tmp_path_factory):
     """Starts the server (about 30 s to healthy); tests that need it use ``judge_server``."""
     server = Server(judge, tmp_path_factory.mktemp("server") / "server.log")
@@ -136,6 +139,6 @@ def judge_server_started(judge, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def judge_server(judge_server_started) -> str:
     return judge_server_started.wait_ready()

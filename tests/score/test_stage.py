@@ -54,12 +54,14 @@ def test_decisions_and_ledger_follow_the_thresholds():
     jobs = [_job(i, "quality", "mathematics") for i in range(3)] + [_job(3, "quality", "chart")]
     jobs += [_job(1, "repetition", "repetition"), _job(2, "repetition", "repetition")]
     done = {
-        ("s0", "quality"): Result(_reading(8), 10),
-        ("s1", "quality"): Result(_reading(9), 10),
-        ("s2", "quality"): Result(_reading(5), 10),  # below 7: reject
-        ("s3", "quality"): Result(_reading(7), 10),  # chart threshold 8: reject
-        ("s1", "repetition"): Result(_reading(2), 10),  # below 3: review
-        ("s2", "repetition"): Result(Reading(None, None, None, "output 'x' is not a label"), 10),
+        ("s0", "quality", "mathematics"): Result(_reading(8), 10),
+        ("s1", "quality", "mathematics"): Result(_reading(9), 10),
+        ("s2", "quality", "mathematics"): Result(_reading(5), 10),  # below 7: reject
+        ("s3", "quality", "chart"): Result(_reading(7), 10),  # chart threshold 8: reject
+        ("s1", "repetition", "repetition"): Result(_reading(2), 10),  # below 3: review
+        ("s2", "repetition", "repetition"): Result(
+            Reading(None, None, None, "output 'x' is not a label"), 10
+        ),
     }
     result = assemble(samples, jobs, done, score_config(quality_thresholds={"chart": 8}))
     rows = {r["sample_id"]: r for r in result.outputs["scores"].to_pylist()}
@@ -92,8 +94,8 @@ def test_thresholds_on_the_expected_score_and_invalid_severity():
     samples = [_sample(0), _sample(1)]
     jobs = [_job(0, "quality", "mathematics"), _job(1, "quality", "mathematics")]
     done = {
-        ("s0", "quality"): Result(Reading(8, 6.5, [0.0] * 11), 1),
-        ("s1", "quality"): Result(Reading(None, None, None, "prompt too long"), 1),
+        ("s0", "quality", "mathematics"): Result(Reading(8, 6.5, [0.0] * 11), 1),
+        ("s1", "quality", "mathematics"): Result(Reading(None, None, None, "prompt too long"), 1),
     }
     cfg = score_config(threshold_on="expected", invalid_severity="reject")
     result = assemble(samples, jobs, done, cfg)
@@ -176,6 +178,7 @@ def test_vlm_requests_carry_the_images_in_placeholder_order(ingested_run, judge,
     cfg = score_config(vlm=True, image_placeholder="<image>")
     scorer = Scorer(cfg, judge)
     jobs = scorer.jobs(samples[:2], lambda s: False)
+    scorer.render(jobs)
     for job, s in zip(sorted(jobs, key=lambda j: j.sort_key[2]), samples[:2], strict=True):
         assert job.images == [im["path"] for im in s["images"]]
         assert job.text.count("<image>") == len(s["images"]) >= 2
@@ -190,3 +193,67 @@ def test_vlm_requests_carry_the_images_in_placeholder_order(ingested_run, judge,
     assert follow["prompt"] == jobs[0].text + "1"
     with pytest.raises(EngineError, match="VLM judge needs engine: vllm"):
         OpenAIEngine(score_config(engine="openai", vlm=True), scorer.labels)
+
+
+def test_server_errors_fatal_or_per_request(tokenizer_dir):
+    """A 400 is that request's problem (score_invalid); a 404 stops the run with its message."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from transformers import AutoTokenizer
+
+    from curate.score.engines import EngineRequest
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "judge"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            code = 400 if body["prompt"] == "too long" else 404
+            self._send(code, {"error": {"message": f"error {code}"}})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        labels = LabelSet(AutoTokenizer.from_pretrained(tokenizer_dir))
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        engine = OpenAIEngine(score_config(engine="openai", server_url=url), labels)
+        assert engine.model == "judge"
+        [out] = engine.run([EngineRequest("too long", [1, 2])])
+        assert out.error == "server rejected the request (HTTP 400): error 400"
+        assert labels.read(out).reason == out.error
+        with pytest.raises(EngineError, match=r"failed \(HTTP 404\): error 404"):
+            engine.run([EngineRequest("fine", [1, 2])])
+    finally:
+        server.shutdown()
+
+
+def test_fingerprints_separate_decisions_from_raw_scores(judge, tmp_path):
+    from curate.score.prompts import PromptLibrary
+    from curate.score.stage import content_fingerprint, stage_fingerprint
+
+    lib = PromptLibrary()
+    base = score_config()
+    content = content_fingerprint(base, judge, lib)
+    # Engine plumbing changes nothing; thresholds change decisions only; prompts change scores.
+    same = score_config(engine="openai", batch_size=7, concurrency=3, tensor_parallel_size=2)
+    assert content_fingerprint(same, judge, lib) == content
+    assert stage_fingerprint(same, content) == stage_fingerprint(base, content)
+    stricter = score_config(quality_threshold=8)
+    assert content_fingerprint(stricter, judge, lib) == content
+    assert stage_fingerprint(stricter, content) != stage_fingerprint(base, content)
+    (tmp_path / "general.md").write_text("Mine.\n{metadata}\n{conversation}")
+    assert content_fingerprint(base, judge, PromptLibrary(tmp_path)) != content
