@@ -1,4 +1,4 @@
-"""``python -m curate.train`` (and ``torchrun ... -m curate.train``): the ``curate train`` command."""
+"""``python -m curate.train`` (also under ``torchrun ... -m curate.train``): ``curate train``."""
 
 import typer
 

@@ -16,13 +16,19 @@ Opt = typer.Option
 
 
 def train_command(
-    run: Annotated[Path | None, Opt(help="run folder: packs from RUN/packs, output RUN/train")] = None,
+    run: Annotated[
+        Path | None, Opt(help="run folder: packs from RUN/packs, output RUN/train")
+    ] = None,
     packs: Annotated[Path | None, Opt(help="pack shards folder (instead of RUN/packs)")] = None,
     out: Annotated[Path | None, Opt(help="output folder (default RUN/train)")] = None,
     flavor: Annotated[str, Opt(help="random-init model size: debug | 1b")] = "debug",
     model: Annotated[Path | None, Opt(help="local HF InternVL directory to start from")] = None,
-    vision: Annotated[Path | None, Opt(help="HF vision tower (or InternVL) dir, with --llm")] = None,
-    llm: Annotated[Path | None, Opt(help="HF causal LM dir; fresh projector (with --vision)")] = None,
+    vision: Annotated[
+        Path | None, Opt(help="HF vision tower (or InternVL) dir, with --llm")
+    ] = None,
+    llm: Annotated[
+        Path | None, Opt(help="HF causal LM dir; fresh projector (with --vision)")
+    ] = None,
     tokenizer: Annotated[Path | None, Opt(help="tokenizer dir (default: model/llm dir)")] = None,
     stage: Annotated[str, Opt(help="1: projector; 1.5: ViT + projector; 2: all")] = "2",
     steps: Annotated[int | None, Opt(help="optimizer steps (overrides --epochs)")] = None,
@@ -44,7 +50,11 @@ def train_command(
     distributed: Annotated[str, Opt(help="ddp | fsdp2 (under torchrun)")] = "ddp",
     workers: Annotated[int, Opt(help="DataLoader worker processes")] = 2,
     save_every: Annotated[int | None, Opt(help="checkpoint every N steps (and at the end)")] = None,
+    keep_checkpoints: Annotated[int, Opt(help="newest checkpoints kept")] = 2,
     resume: Annotated[bool, Opt(help="continue from the newest checkpoint in --out")] = False,
+    image_root: Annotated[
+        Path | None, Opt(help="base of relative image paths (default: the run folder)")
+    ] = None,
 ) -> None:
     """Train InternVL on packed sequences (stages 1, 1.5, 2); checkpoints, metrics, loss plot."""
     from pydantic import ValidationError
@@ -56,13 +66,36 @@ def train_command(
         raise typer.Exit(2)
     try:
         cfg = TrainConfig(
-            packs=packs, out=out, flavor=flavor, model=model, vision=vision, llm=llm,
-            tokenizer=tokenizer, stage=stage, steps=steps, epochs=epochs,
-            batch_packs=batch_packs, accum=accum, lr=lr, warmup_steps=warmup_steps,
-            warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            drop_path=drop_path, loss_reduction=loss_reduction, seed=seed, augment=augment,
-            precision=precision, attention=attention, grad_checkpointing=grad_checkpointing,
-            distributed=distributed, workers=workers, save_every=save_every, resume=resume,
+            packs=packs,
+            out=out,
+            flavor=flavor,
+            model=model,
+            vision=vision,
+            llm=llm,
+            tokenizer=tokenizer,
+            stage=stage,
+            steps=steps,
+            epochs=epochs,
+            batch_packs=batch_packs,
+            accum=accum,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            drop_path=drop_path,
+            loss_reduction=loss_reduction,
+            seed=seed,
+            augment=augment,
+            precision=precision,
+            attention=attention,
+            grad_checkpointing=grad_checkpointing,
+            distributed=distributed,
+            workers=workers,
+            save_every=save_every,
+            keep_checkpoints=keep_checkpoints,
+            resume=resume,
+            image_root=image_root,
         )
     except ValidationError as e:
         console.print(f"[red]error:[/red] bad option: {e}")

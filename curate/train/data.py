@@ -92,12 +92,15 @@ def rebuild_tiles(image: dict, *, image_size: int, root: Path | None = None) -> 
         path = root / path
     with Image.open(path) as im:
         rgb = im.convert("RGB")
-    tiles = crop_tiles(rgb, image["cols"], image["rows"], image_size=image_size,
-                       use_thumbnail=image["thumbnail"])
+    tiles = crop_tiles(
+        rgb, image["cols"], image["rows"], image_size=image_size, use_thumbnail=image["thumbnail"]
+    )
     if len(tiles) != tiles_of(image):
-        raise ValueError(f"{path}: grid {image['cols']}x{image['rows']} thumbnail="
-                         f"{image['thumbnail']} gives {len(tiles)} tiles, manifest says "
-                         f"{tiles_of(image)}")
+        raise ValueError(
+            f"{path}: grid {image['cols']}x{image['rows']} thumbnail="
+            f"{image['thumbnail']} gives {len(tiles)} tiles, manifest says "
+            f"{tiles_of(image)}"
+        )
     return tiles
 
 
@@ -170,10 +173,21 @@ class PackBatches:
     ``step``, ``micro``, ``n_tokens``, ``n_tiles``, ``pack_ids``.
     """
 
-    def __init__(self, table: pa.Table, layout: StepLayout, *, rank: int = 0,
-                 start_step: int = 0, end_step: int, image_size: int, tokens_per_tile: int,
-                 image_token_id: int, reduction: str = "square", root: Path | None = None,
-                 augment: bool = True):
+    def __init__(
+        self,
+        table: pa.Table,
+        layout: StepLayout,
+        *,
+        rank: int = 0,
+        start_step: int = 0,
+        end_step: int,
+        image_size: int,
+        tokens_per_tile: int,
+        image_token_id: int,
+        reduction: str = "square",
+        root: Path | None = None,
+        augment: bool = True,
+    ):
         self.table = table
         self.layout = layout
         self.rank = rank
@@ -200,10 +214,20 @@ class PackBatches:
             raise IndexError(k)
         step = self.start_step + k // self.layout.accum
         micro = k % self.layout.accum
-        parts = [self.load_pack(i, epoch)
-                 for i, epoch in self.layout.micro_slots(step, self.rank, micro)]
-        cat = {key: np.concatenate([p[key] for p in parts]) for key in
-               ("input_ids", "position_ids", "targets", "weights", "seq_lens", "jpeg_quality")}
+        parts = [
+            self.load_pack(i, epoch) for i, epoch in self.layout.micro_slots(step, self.rank, micro)
+        ]
+        cat = {
+            key: np.concatenate([p[key] for p in parts])
+            for key in (
+                "input_ids",
+                "position_ids",
+                "targets",
+                "weights",
+                "seq_lens",
+                "jpeg_quality",
+            )
+        }
         pixels = torch.cat([p["pixel_values"] for p in parts])
         return {
             "input_ids": torch.from_numpy(cat["input_ids"].astype(np.int64)),
@@ -230,17 +254,23 @@ class PackBatches:
         seq_lens = np.asarray(t.column("seq_lens")[i].as_py(), dtype=np.int64)
         supervised = np.asarray(t.column("supervised")[i].as_py(), dtype=np.int64)
         images = t.column("images")[i].as_py()
-        if len(ids) != len(labels) or seq_lens.sum() != len(ids) or len(supervised) != len(
-                seq_lens):
+        if (
+            len(ids) != len(labels)
+            or seq_lens.sum() != len(ids)
+            or len(supervised) != len(seq_lens)
+        ):
             raise ValueError(f"pack {pack_id}: input_ids, labels, seq_lens, supervised disagree")
         targets = shift_targets(labels, seq_lens)
         sample_of = np.repeat(np.arange(len(seq_lens)), seq_lens)
         counted = np.bincount(sample_of[targets != IGNORE_INDEX], minlength=len(seq_lens))
         if not np.array_equal(counted, supervised):
-            raise ValueError(f"pack {pack_id}: supervised tokens per sample {counted.tolist()} "
-                             f"!= manifest {supervised.tolist()}")
-        weights = np.where(targets != IGNORE_INDEX,
-                           loss_weight(supervised, self.reduction)[sample_of], 0.0)
+            raise ValueError(
+                f"pack {pack_id}: supervised tokens per sample {counted.tolist()} "
+                f"!= manifest {supervised.tolist()}"
+            )
+        weights = np.where(
+            targets != IGNORE_INDEX, loss_weight(supervised, self.reduction)[sample_of], 0.0
+        )
         position_ids = np.arange(len(ids)) - np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
 
         rng = pack_rng(self.layout.seed, pack_id, epoch)
@@ -256,8 +286,10 @@ class PackBatches:
             tiles.extend(these)
         n_context = int((ids == self.image_token_id).sum())
         if n_context != self.tokens_per_tile * len(tiles):
-            raise ValueError(f"pack {pack_id}: {n_context} <IMG_CONTEXT> tokens for "
-                             f"{len(tiles)} tiles x {self.tokens_per_tile}")
+            raise ValueError(
+                f"pack {pack_id}: {n_context} <IMG_CONTEXT> tokens for "
+                f"{len(tiles)} tiles x {self.tokens_per_tile}"
+            )
         return {
             "pack_id": pack_id,
             "input_ids": ids,

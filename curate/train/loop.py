@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,12 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "1": Stage(("projector",), lr=2e-4, warmup_steps=100, warmup_ratio=0.0, drop_path=0.0),
-    "1.5": Stage(("vision", "projector"), lr=1e-5, warmup_steps=None, warmup_ratio=0.03,
-                 drop_path=0.1),
-    "2": Stage(("vision", "projector", "llm"), lr=4e-5, warmup_steps=None, warmup_ratio=0.03,
-               drop_path=0.1),
+    "1.5": Stage(
+        ("vision", "projector"), lr=1e-5, warmup_steps=None, warmup_ratio=0.03, drop_path=0.1
+    ),
+    "2": Stage(
+        ("vision", "projector", "llm"), lr=4e-5, warmup_steps=None, warmup_ratio=0.03, drop_path=0.1
+    ),
 }
 
 
@@ -89,8 +92,10 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 @dataclass
@@ -152,8 +157,9 @@ def checkpoints(out: Path) -> list[Path]:
 BATCH_KEYS = ("input_ids", "position_ids", "targets", "weights", "seq_lens", "pixel_values")
 
 
-def micro_step(wrapped, batch: dict, device: torch.device, world: int = 1,
-               bf16: bool = False) -> float:
+def micro_step(
+    wrapped, batch: dict, device: torch.device, world: int = 1, bf16: bool = False
+) -> float:
     """Forward + backward of one micro-batch; returns its Σ w·CE.
 
     The backward loss is Σ w·CE · world / Σw_step: summed over the step's micro-batches and
@@ -203,6 +209,8 @@ def wrap(module: torch.nn.Module, cfg: TrainConfig, dist: Dist) -> torch.nn.Modu
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
+        # The ViT's expanded cls/position grads have odd strides: harmless, said once per rank.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         return DDP(module, device_ids=ids)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -238,8 +246,12 @@ def load_optimizer(wrapped, optimizer, state: dict, cfg: TrainConfig, dist: Dist
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(wrapped, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            wrapped,
+            optimizer,
+            optim_state_dict=state,
+            options=StateDictOptions(full_state_dict=True),
+        )
     else:
         optimizer.load_state_dict(state)
 
@@ -267,8 +279,11 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 def _trim_metrics(path: Path, upto_step: int) -> None:
     """On resume: drop metric lines of steps after the checkpoint (they will be redone)."""
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= upto_step]
+        keep = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["step"] <= upto_step
+        ]
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -279,19 +294,27 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
             TextColumn("{task.fields[tile_s]:,.1f} tiles/s"),
             TimeRemainingColumn(),
         )
         self.bar.start()
-        self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"),
-                                      tok_s=0.0, tile_s=0.0)
+        self.task = self.bar.add_task(
+            "train", total=total, completed=start, loss=float("nan"), tok_s=0.0, tile_s=0.0
+        )
 
     def update(self, loss: float, tok_s: float, tile_s: float) -> None:
         if self.bar is not None:
@@ -305,8 +328,13 @@ class _Progress:
 # --- the loop -------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, run_dir: Path | None = None, *, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    run_dir: Path | None = None,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
     """Train per ``cfg``; packs from cfg.packs (or RUN/packs), outputs to cfg.out (or RUN/train).
 
     ``stop_after`` ends the call after that many optimizer steps of this call (tests use it to
@@ -321,12 +349,20 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, *, progress: bool = Tru
     if packs_dir is None or out is None:
         raise ValueError("give a run folder or both packs and out")
     out = Path(out)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars between our own bar's lines
     dist = init_dist()
     stage = STAGES[cfg.stage]
 
     table = d.read_packs(packs_dir)
-    layout = d.StepLayout(n_packs=len(table), batch_packs=cfg.batch_packs, accum=cfg.accum,
-                          world=dist.world, seed=cfg.seed)
+    layout = d.StepLayout(
+        n_packs=len(table),
+        batch_packs=cfg.batch_packs,
+        accum=cfg.accum,
+        world=dist.world,
+        seed=cfg.seed,
+    )
     total_steps = cfg.steps or layout.steps_for_epochs(cfg.epochs)
 
     resume_from = None
@@ -348,20 +384,32 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, *, progress: bool = Tru
     wrapped = wrap(module, cfg, dist)
     lr = cfg.lr if cfg.lr is not None else stage.lr
     warmup = warmup_steps_for(cfg, stage, total_steps)
-    optimizer = torch.optim.AdamW(param_groups(wrapped, cfg.weight_decay), lr=lr,
-                                  betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup,
-                                                                                total_steps))
+    optimizer = torch.optim.AdamW(
+        param_groups(wrapped, cfg.weight_decay),
+        lr=lr,
+        betas=tuple(cfg.adam_betas),
+        eps=cfg.adam_eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(warmup, total_steps)
+    )
     start_step = 0
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # dropout / drop path differ per rank
     random.seed(cfg.seed * 1000 + dist.rank)
-    layout_state = {"batch_packs": cfg.batch_packs, "accum": cfg.accum, "world": dist.world,
-                    "seed": cfg.seed, "n_packs": len(table), "total_steps": total_steps}
+    layout_state = {
+        "batch_packs": cfg.batch_packs,
+        "accum": cfg.accum,
+        "world": dist.world,
+        "seed": cfg.seed,
+        "n_packs": len(table),
+        "total_steps": total_steps,
+    }
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", weights_only=True)
         if state["layout"] != layout_state:
-            raise ValueError(f"cannot resume {resume_from}: data layout {state['layout']} "
-                             f"!= now {layout_state}")
+            raise ValueError(
+                f"cannot resume {resume_from}: data layout {state['layout']} != now {layout_state}"
+            )
         load_optimizer(wrapped, optimizer, state["optimizer"], cfg, dist)
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
@@ -370,9 +418,16 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, *, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if dist.main:
-        resolved = {**cfg.model_dump(mode="json"), "lr": lr, "warmup_steps": warmup, "drop_path": drop_path,
-                    "steps": total_steps, "attention": attention, "world": dist.world,
-                    "trains": list(stage.trains)}
+        resolved = {
+            **cfg.model_dump(mode="json"),
+            "lr": lr,
+            "warmup_steps": warmup,
+            "drop_path": drop_path,
+            "steps": total_steps,
+            "attention": attention,
+            "world": dist.world,
+            "trains": list(stage.trains),
+        }
         (out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str))
         if resume_from is not None:
             _trim_metrics(metrics_path, start_step)
@@ -381,13 +436,21 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, *, progress: bool = Tru
 
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     dataset = d.PackBatches(
-        table, layout, rank=dist.rank, start_step=start_step, end_step=end_step,
-        image_size=m.image_size(model.config), tokens_per_tile=m.tokens_per_tile(model.config),
-        image_token_id=model.config.image_token_id, reduction=cfg.loss_reduction,
+        table,
+        layout,
+        rank=dist.rank,
+        start_step=start_step,
+        end_step=end_step,
+        image_size=m.image_size(model.config),
+        tokens_per_tile=m.tokens_per_tile(model.config),
+        image_token_id=model.config.image_token_id,
+        reduction=cfg.loss_reduction,
         root=cfg.image_root or (run_dir if run_dir else Path(packs_dir).parent),
-        augment=cfg.augment)
-    loader = d.make_loader(dataset, workers=cfg.workers, seed=cfg.seed,
-                           pin_memory=dist.device.type == "cuda")
+        augment=cfg.augment,
+    )
+    loader = d.make_loader(
+        dataset, workers=cfg.workers, seed=cfg.seed, pin_memory=dist.device.type == "cuda"
+    )
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
@@ -420,29 +483,57 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, *, progress: bool = Tru
             result.losses.append(step_loss)
             result.steps = step + 1
             if dist.main:
-                row = {"step": step + 1, "loss": step_loss, "lr": step_lr,
-                       "grad_norm": float(grad_norm), "tokens": int(tokens), "tiles": int(tiles),
-                       "tokens_per_s": tokens / seconds, "tiles_per_s": tiles / seconds,
-                       "epoch": (step + 1) * layout.packs_per_step / layout.n_packs,
-                       "elapsed_s": time.perf_counter() - t_start}
+                row = {
+                    "step": step + 1,
+                    "loss": step_loss,
+                    "lr": step_lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens": int(tokens),
+                    "tiles": int(tiles),
+                    "tokens_per_s": tokens / seconds,
+                    "tiles_per_s": tiles / seconds,
+                    "epoch": (step + 1) * layout.packs_per_step / layout.n_packs,
+                    "elapsed_s": time.perf_counter() - t_start,
+                }
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             bar.update(step_loss, tokens / seconds, tiles / seconds)
             last = step + 1 == end_step
             if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                result.checkpoint = save_checkpoint(out, step + 1, wrapped, module, optimizer,
-                                                    scheduler, tokenizer, layout_state, cfg,
-                                                    dist)
+                result.checkpoint = save_checkpoint(
+                    out,
+                    step + 1,
+                    wrapped,
+                    module,
+                    optimizer,
+                    scheduler,
+                    tokenizer,
+                    layout_state,
+                    cfg,
+                    dist,
+                )
     finally:
         bar.close()
     if dist.main and metrics_path.exists():
         plot_losses(metrics_path, out / "loss.png")
     dist.barrier()
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
     return result
 
 
-def save_checkpoint(out: Path, step: int, wrapped, module, optimizer, scheduler, tokenizer,
-                    layout_state: dict, cfg: TrainConfig, dist: Dist) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    wrapped,
+    module,
+    optimizer,
+    scheduler,
+    tokenizer,
+    layout_state: dict,
+    cfg: TrainConfig,
+    dist: Dist,
+) -> Path:
     """``checkpoints/step-N``: save_pretrained + tokenizer + trainer_state.pt + rng-<rank>.pt."""
     path = out / "checkpoints" / f"step-{step:07d}"
     model_sd, optim_sd = full_state(wrapped, module, optimizer, cfg, dist)
@@ -456,9 +547,16 @@ def save_checkpoint(out: Path, step: int, wrapped, module, optimizer, scheduler,
     torch.save(rng_state(), path / f"rng-{dist.rank}.pt")
     dist.barrier()
     if dist.main:
-        torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
-                    "layout": layout_state}, path / "trainer_state.pt")
-        for old in checkpoints(out)[:-cfg.keep_checkpoints]:
+        torch.save(
+            {
+                "optimizer": optim_sd,
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "layout": layout_state,
+            },
+            path / "trainer_state.pt",
+        )
+        for old in checkpoints(out)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old)
     dist.barrier()
     return path

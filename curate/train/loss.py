@@ -41,8 +41,17 @@ def block_causal_mask(seq_lens: torch.Tensor, device=None) -> torch.Tensor:
     return ((sample[:, None] == sample[None, :]) & (t[None, :] <= t[:, None]))[None, None]
 
 
-def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
-                          dropout=0.0, cu_seq_lens_q=None, **kwargs):
+def varlen_sdpa_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    **kwargs,
+):
     """SDPA per sample (``cu_seq_lens_q`` bounds), causal inside each: no T² mask or scores.
 
     Registered as the ``sdpa_varlen`` attention implementation. Exact like the masked form,
@@ -52,19 +61,28 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    bounds = cu_seq_lens_q.tolist()
+    lens = cu_seq_lens_q.diff().tolist()
     causal = bool(getattr(module, "is_causal", True))
-    out = torch.cat([
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                       is_causal=causal, scale=scaling, dropout_p=dropout)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ], dim=2)
+    # split (not slicing): its backward is one cat, where slices would each scatter into a
+    # zeroed full-size gradient.
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=scaling, dropout_p=dropout
+            )
+            for q, k, v in zip(
+                query.split(lens, 2), key.split(lens, 2), value.split(lens, 2), strict=True
+            )
+        ],
+        dim=2,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -79,8 +97,12 @@ def flash_kwargs(seq_lens: torch.Tensor, device) -> dict:
     """FlashAttentionKwargs for varlen attention over the samples of one sequence."""
     cu = F.pad(torch.cumsum(seq_lens.to(device=device, dtype=torch.int32), 0), (1, 0))
     longest = int(seq_lens.max())
-    return {"cu_seq_lens_q": cu.to(torch.int32), "cu_seq_lens_k": cu.to(torch.int32),
-            "max_length_q": longest, "max_length_k": longest}
+    return {
+        "cu_seq_lens_q": cu.to(torch.int32),
+        "cu_seq_lens_k": cu.to(torch.int32),
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 class PackedCausalLM(nn.Module):
@@ -88,34 +110,50 @@ class PackedCausalLM(nn.Module):
 
     DDP/FSDP wrap this module, so gradient synchronisation sees the whole computation. A
     sequence without images still runs the vision tower on one blank tile (its features times
-    zero join the loss), as InternVL does, so every rank uses every trainable parameter.
+    zero join the loss), as InternVL does, so every rank uses every parameter.
     """
 
     def __init__(self, model, attention: str = "sdpa"):
         super().__init__()
         self.model = model
         self.attention = attention
-        parts = (model.model.vision_tower, model.model.multi_modal_projector)
-        self.vision_trains = any(p.requires_grad for m in parts for p in m.parameters())
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                targets: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor,
-                pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        seq_lens: torch.Tensor,
+        pixel_values: torch.Tensor,
+    ) -> torch.Tensor:
         inner = self.model.model
         device = input_ids.device
         kwargs: dict = {}
         if self.attention in ("flash_attention_2", "sdpa_varlen"):
-            kwargs.update(flash_kwargs(seq_lens, device))
+            # varlen_sdpa_attention reads the bounds on the host: keep them there (no syncs).
+            on = device if self.attention == "flash_attention_2" else torch.device("cpu")
+            kwargs.update(flash_kwargs(seq_lens, on))
             mask = None
         else:
             mask = block_causal_mask(seq_lens, device)
             if self.attention == "eager":
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(
-                    ~mask, torch.finfo(torch.float32).min)
+                    ~mask, torch.finfo(torch.float32).min
+                )
+        # The vision tower runs first on every rank, on a blank tile when the sequence has no
+        # image (InternVL's dummy tile), so DDP sees every parameter used and FSDP's
+        # collectives come in the same order on all ranks.
         has_images = pixel_values.shape[0] > 0
+        pixels = (
+            pixel_values
+            if has_images
+            else torch.zeros((1, *pixel_values.shape[1:]), device=device, dtype=pixel_values.dtype)
+        )
+        vision = inner.get_image_features(pixel_values=pixels, return_dict=True)
         out = inner(
             input_ids=input_ids[None],
-            pixel_values=pixel_values if has_images else None,
+            mm_encoder_outputs={"image": vision} if has_images else None,
             position_ids=position_ids[None],
             attention_mask=mask,
             use_cache=False,
@@ -126,9 +164,6 @@ class PackedCausalLM(nn.Module):
         logits = self.model.lm_head(hidden[keep]).float()
         ce = F.cross_entropy(logits, targets[keep], reduction="none")
         total = (ce * weights[keep].float()).sum()
-        if not has_images and self.vision_trains:
-            blank = torch.zeros((1, *pixel_values.shape[1:]), device=device,
-                                dtype=pixel_values.dtype)
-            feats = inner.get_image_features(pixel_values=blank).pooler_output
-            total = total + 0.0 * feats.float().sum()
+        if not has_images:
+            total = total + 0.0 * vision.pooler_output.float().sum()
         return total

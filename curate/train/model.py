@@ -21,23 +21,54 @@ from curate.chat import SPECIAL_TOKENS
 
 FLAVORS: dict[str, dict] = {
     "debug": {
-        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, attention_bias=True, image_size=448, patch_size=14),
-        "text": dict(model_type="qwen2", hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=32768, tie_word_embeddings=True),
+        "vision": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            attention_bias=True,
+            image_size=448,
+            patch_size=14,
+        ),
+        "text": dict(
+            model_type="qwen2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+        ),
         "downsample_ratio": 0.5,
     },
     "1b": {  # InternVL2.5-1B: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                       num_attention_heads=16, attention_bias=True, use_qk_norm=False,
-                       norm_type="layer_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1,
-                       image_size=448, patch_size=14),
-        "text": dict(model_type="qwen2", vocab_size=151674, hidden_size=896,
-                     intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                     num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                     tie_word_embeddings=True),
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            attention_bias=True,
+            use_qk_norm=False,
+            norm_type="layer_norm",
+            layer_norm_eps=1e-6,
+            layer_scale_init_value=0.1,
+            image_size=448,
+            patch_size=14,
+        ),
+        "text": dict(
+            model_type="qwen2",
+            vocab_size=151674,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=True,
+        ),
         "downsample_ratio": 0.5,
     },
 }
@@ -76,8 +107,9 @@ def tokens_per_tile_of(vision: dict, downsample_ratio: float) -> int:
 def tokens_per_tile(config) -> int:
     """``<IMG_CONTEXT>`` tokens one tile becomes: (image_size/patch)² · downsample_ratio²."""
     v = config.vision_config
-    return tokens_per_tile_of({"image_size": v.image_size, "patch_size": v.patch_size},
-                              config.downsample_ratio)
+    return tokens_per_tile_of(
+        {"image_size": v.image_size, "patch_size": v.patch_size}, config.downsample_ratio
+    )
 
 
 def image_size(config) -> int:
@@ -90,8 +122,9 @@ def ensure_special_tokens(tokenizer) -> list[str]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
     return missing
 
 
@@ -107,8 +140,9 @@ def build_model(flavor: str, tokenizer, *, seed: int = 0):
     from transformers import InternVLForConditionalGeneration
 
     ensure_special_tokens(tokenizer)
-    config = internvl_config(flavor, vocab_size=len(tokenizer),
-                             image_token_id=image_token_id(tokenizer))
+    config = internvl_config(
+        flavor, vocab_size=len(tokenizer), image_token_id=image_token_id(tokenizer)
+    )
     torch.manual_seed(seed)
     return InternVLForConditionalGeneration(config)
 
@@ -119,14 +153,21 @@ def load_model(path: str | Path, tokenizer=None):
     from transformers import InternVLForConditionalGeneration
 
     model = InternVLForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch.float32, local_files_only=True)
+        str(path), dtype=torch.float32, local_files_only=True
+    )
     if tokenizer is not None:
         match_tokenizer(model, tokenizer)
     return model
 
 
-def assemble_model(vision_path: str | Path, llm_path: str | Path, tokenizer, *,
-                   downsample_ratio: float = 0.5, seed: int = 0):
+def assemble_model(
+    vision_path: str | Path,
+    llm_path: str | Path,
+    tokenizer,
+    *,
+    downsample_ratio: float = 0.5,
+    seed: int = 0,
+):
     """Vision tower from ``vision_path``, LLM from ``llm_path``, a fresh projector.
 
     ``vision_path`` is an HF ``InternVLVisionModel`` directory or a whole InternVL directory
@@ -147,10 +188,12 @@ def assemble_model(vision_path: str | Path, llm_path: str | Path, tokenizer, *,
         vision = load_model(vision_path).model.vision_tower
         downsample_ratio = vcfg.downsample_ratio
     else:
-        vision = InternVLVisionModel.from_pretrained(str(vision_path), dtype=torch.float32,
-                                                     local_files_only=True)
-    llm = AutoModelForCausalLM.from_pretrained(str(llm_path), dtype=torch.float32,
-                                               local_files_only=True)
+        vision = InternVLVisionModel.from_pretrained(
+            str(vision_path), dtype=torch.float32, local_files_only=True
+        )
+    llm = AutoModelForCausalLM.from_pretrained(
+        str(llm_path), dtype=torch.float32, local_files_only=True
+    )
     ensure_special_tokens(tokenizer)
     config = InternVLConfig(
         vision_config=vision.config.to_dict(),

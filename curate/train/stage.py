@@ -26,16 +26,29 @@ def print_result(result) -> None:
 
     from curate.console import console
 
-    rows = [json.loads(ln) for ln in (result.out / "metrics.jsonl").read_text().splitlines()
-            if ln.strip()] if (result.out / "metrics.jsonl").exists() else []
+    rows = (
+        [
+            json.loads(ln)
+            for ln in (result.out / "metrics.jsonl").read_text().splitlines()
+            if ln.strip()
+        ]
+        if (result.out / "metrics.jsonl").exists()
+        else []
+    )
     t = Table(title=f"train: {result.steps} optimizer steps")
     for col in ("first loss", "last loss", "tokens", "tiles", "tokens/s", "tiles/s"):
         t.add_column(col, justify="right")
     if rows:
         secs = sum(r["tokens"] / r["tokens_per_s"] for r in rows if r["tokens_per_s"])
         tokens, tiles = sum(r["tokens"] for r in rows), sum(r["tiles"] for r in rows)
-        t.add_row(f"{rows[0]['loss']:.4f}", f"{rows[-1]['loss']:.4f}", f"{tokens:,}",
-                  f"{tiles:,}", f"{tokens / secs:,.0f}", f"{tiles / secs:,.1f}")
+        t.add_row(
+            f"{rows[0]['loss']:.4f}",
+            f"{rows[-1]['loss']:.4f}",
+            f"{tokens:,}",
+            f"{tiles:,}",
+            f"{tokens / secs:,.0f}",
+            f"{tiles / secs:,.1f}",
+        )
     console.print(t)
     console.print(f"checkpoint: {result.checkpoint}")
     console.print(f"metrics: {result.out / 'metrics.jsonl'}  plot: {result.out / 'loss.png'}")
@@ -52,6 +65,6 @@ def run_train_stage(ctx) -> StageSummary:
     result = run_training(cfg, ctx.run.path)
     print_result(result)
     packs = result.steps  # one summary row per optimizer step trained
-    return StageSummary(stage="train", rows_in=packs, rows_kept=packs,
-                        seconds=time.perf_counter() - t0)
-
+    return StageSummary(
+        stage="train", rows_in=packs, rows_kept=packs, seconds=time.perf_counter() - t0
+    )

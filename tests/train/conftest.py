@@ -45,12 +45,22 @@ def tiny_images(tmp_path_factory) -> list[Path]:
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("train_images")
     sizes = [(120, 90), (64, 96), (200, 60), (80, 80)]
-    return [write_image(root / f"im{i}.{'png' if i % 2 else 'jpg'}", rng, w, h)
-            for i, (w, h) in enumerate(sizes)]
+    return [
+        write_image(root / f"im{i}.{'png' if i % 2 else 'jpg'}", rng, w, h)
+        for i, (w, h) in enumerate(sizes)
+    ]
 
 
-def make_tiny_packs(packs_dir: Path, token_ids, images: list[Path], *, n_packs: int = 4,
-                    seed: int = 0, augment: bool = True, max_images: int = 2) -> Path:
+def make_tiny_packs(
+    packs_dir: Path,
+    token_ids,
+    images: list[Path],
+    *,
+    n_packs: int = 4,
+    seed: int = 0,
+    augment: bool = True,
+    max_images: int = 2,
+) -> Path:
     """n_packs packs of 1-3 samples, each with 0..max_images images (several multi-image)."""
     from curate.train.synthetic import image_entry, make_sample, write_packs
 
@@ -60,12 +70,23 @@ def make_tiny_packs(packs_dir: Path, token_ids, images: list[Path], *, n_packs: 
         samples = []
         for s in range(1 + (p + 1) % 3):
             n_img = (p + s) % (max_images + 1)
-            ims = [image_entry(images[(p + s + k) % len(images)],
-                               *GRIDS[(p + 2 * s + k) % len(GRIDS)],
-                               data_augment=augment and (s + k) % 2 == 0)
-                   for k in range(n_img)]
-            samples.append(make_sample(rng, token_ids, prompt_tokens=int(rng.integers(4, 24)),
-                                       answer_tokens=int(rng.integers(2, 20)), images=ims))
+            ims = [
+                image_entry(
+                    images[(p + s + k) % len(images)],
+                    *GRIDS[(p + 2 * s + k) % len(GRIDS)],
+                    data_augment=augment and (s + k) % 2 == 0,
+                )
+                for k in range(n_img)
+            ]
+            samples.append(
+                make_sample(
+                    rng,
+                    token_ids,
+                    prompt_tokens=int(rng.integers(4, 24)),
+                    answer_tokens=int(rng.integers(2, 20)),
+                    images=ims,
+                )
+            )
         packs.append(samples)
     return write_packs(packs, packs_dir, packs_per_shard=3)
 

@@ -27,9 +27,14 @@ KW = dict(image_size=448, tokens_per_tile=256)
 
 
 def _dataset(table, token_ids, **kw):
-    return PackBatches(table, StepLayout(len(table), **kw.pop("layout", {})),
-                       end_step=kw.pop("end_step", len(table)),
-                       image_token_id=token_ids.img_context, **KW, **kw)
+    return PackBatches(
+        table,
+        StepLayout(len(table), **kw.pop("layout", {})),
+        end_step=kw.pop("end_step", len(table)),
+        image_token_id=token_ids.img_context,
+        **KW,
+        **kw,
+    )
 
 
 def _demo_images(demo_dir):
@@ -77,8 +82,10 @@ def test_jpeg_qualities(token_ids, tiny_images, tmp_path):
     rng = np.random.default_rng(1)
     aug = image_entry(tiny_images[0], 2, 1, data_augment=True)  # 2 tiles + thumbnail
     plain = image_entry(tiny_images[1], 1, 2, data_augment=False)
-    samples = [make_sample(rng, token_ids, prompt_tokens=4, answer_tokens=3,
-                           images=[aug, plain, aug]) for _ in range(2)]
+    samples = [
+        make_sample(rng, token_ids, prompt_tokens=4, answer_tokens=3, images=[aug, plain, aug])
+        for _ in range(2)
+    ]
     write_packs([samples[:1], samples[1:]], tmp_path / "packs")
     table = read_packs(tmp_path / "packs")
     ds = _dataset(table, token_ids, end_step=4)  # 2 epochs of 2 packs
@@ -141,15 +148,22 @@ def test_layout_partitions_each_step():
 
 def test_manifest_inconsistencies_are_errors(token_ids, tiny_images):
     rng = np.random.default_rng(0)
-    s = make_sample(rng, token_ids, prompt_tokens=4, answer_tokens=3,
-                    images=[image_entry(tiny_images[0], 1, 1)])
+    s = make_sample(
+        rng, token_ids, prompt_tokens=4, answer_tokens=3, images=[image_entry(tiny_images[0], 1, 1)]
+    )
     good = pack_rows([[s]])
-    bad_sup = good.set_column(good.schema.get_field_index("supervised"), "supervised",
-                              pa.array([[99]], type=pa.list_(pa.int32())))
+    bad_sup = good.set_column(
+        good.schema.get_field_index("supervised"),
+        "supervised",
+        pa.array([[99]], type=pa.list_(pa.int32())),
+    )
     with pytest.raises(ValueError, match="supervised"):
         _dataset(bad_sup, token_ids)[0]
     two_tiles = [{**good.column("images")[0].as_py()[0], "cols": 2}]
-    bad_img = good.set_column(good.schema.get_field_index("images"), "images",
-                              pa.array([two_tiles], type=good.schema.field("images").type))
+    bad_img = good.set_column(
+        good.schema.get_field_index("images"),
+        "images",
+        pa.array([two_tiles], type=good.schema.field("images").type),
+    )
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
         _dataset(bad_img, token_ids, augment=False)[0]

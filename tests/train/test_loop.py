@@ -26,8 +26,9 @@ def small_packs(tmp_path_factory, token_ids, tiny_images) -> Path:
 
 
 def _cfg(packs: Path, out: Path, tokenizer: Path, **kw) -> TrainConfig:
-    base = dict(packs=packs, out=out, tokenizer=tokenizer, steps=4, lr=2e-3, warmup_steps=1,
-                workers=0)
+    base = dict(
+        packs=packs, out=out, tokenizer=tokenizer, steps=4, lr=2e-3, warmup_steps=1, workers=0
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -45,8 +46,18 @@ def test_stage_freezing(stage, small_packs, train_tokenizer, tmp_path):
     from curate.train.model import build_model, load_model
 
     before = build_model("debug", AutoTokenizer.from_pretrained(train_tokenizer), seed=0)
-    res = train(_cfg(small_packs, tmp_path / "out", train_tokenizer, stage=stage, steps=1,
-                     batch_packs=2, warmup_steps=0), progress=False)
+    res = train(
+        _cfg(
+            small_packs,
+            tmp_path / "out",
+            train_tokenizer,
+            stage=stage,
+            steps=1,
+            batch_packs=2,
+            warmup_steps=0,
+        ),
+        progress=False,
+    )
     after = load_model(res.checkpoint)
     for part, modules in part_modules(before).items():
         old = {n: p for m in modules for n, p in m.named_parameters()}
@@ -102,14 +113,18 @@ def test_resume_continues_the_same_curve(small_packs, train_tokenizer, tmp_path)
     """Stopped after 2 steps and resumed (with DataLoader workers) = uninterrupted."""
     kw = dict(steps=3, drop_path=0.3)  # drop path: the RNG state must carry over
     full = train(_cfg(small_packs, tmp_path / "a", train_tokenizer, **kw), progress=False)
-    first = train(_cfg(small_packs, tmp_path / "b", train_tokenizer, **kw), progress=False,
-                  stop_after=1)
-    rest = train(_cfg(small_packs, tmp_path / "b", train_tokenizer, resume=True, workers=2,
-                      **kw), progress=False)
+    first = train(
+        _cfg(small_packs, tmp_path / "b", train_tokenizer, **kw), progress=False, stop_after=1
+    )
+    rest = train(
+        _cfg(small_packs, tmp_path / "b", train_tokenizer, resume=True, workers=2, **kw),
+        progress=False,
+    )
     assert first.steps == 1 and rest.steps == 3
     assert first.losses + rest.losses == pytest.approx(full.losses, rel=1e-6, abs=0)
-    logged = [json.loads(ln)["loss"] for ln in
-              (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(ln)["loss"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logged == pytest.approx(full.losses, rel=1e-6, abs=0)
 
 
@@ -118,34 +133,74 @@ def test_cli_train(small_packs, train_tokenizer, tmp_path):
 
     from curate.cli import app
 
-    result = CliRunner().invoke(app, [
-        "train", "--packs", str(small_packs), "--out", str(tmp_path / "o"),
-        "--tokenizer", str(train_tokenizer), "--steps", "1", "--workers", "0",
-        "--stage", "1", "--lr", "1e-3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--packs",
+            str(small_packs),
+            "--out",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(train_tokenizer),
+            "--steps",
+            "1",
+            "--workers",
+            "0",
+            "--stage",
+            "1",
+            "--lr",
+            "1e-3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "train: 1 optimizer steps" in result.output
     assert (tmp_path / "o" / "metrics.jsonl").exists()
-    bad = CliRunner().invoke(app, ["train", "--packs", str(small_packs), "--out",
-                                   str(tmp_path / "o"), "--stage", "3"])
+    bad = CliRunner().invoke(
+        app, ["train", "--packs", str(small_packs), "--out", str(tmp_path / "o"), "--stage", "3"]
+    )
     assert bad.exit_code == 2
 
 
-def test_pipeline_train_section():
-    from curate.config import StagesConfig
+def test_pipeline_train_stage(tiny_run, train_tokenizer):
+    """The pipeline section validates and its runner trains in RUN/train."""
+    from curate.config import ModelsConfig, PipelineConfig, StagesConfig
+    from curate.pipeline import STAGE_RUNNERS, PipelineContext
+    from curate.run import RunFolder
 
-    stages = StagesConfig.model_validate({"train": {"flavor": "debug", "stage": 1.5,
-                                                    "steps": 3, "workers": 0}})
-    assert stages.train.stage == "1.5" and stages.train.steps == 3
-    with pytest.raises(ValueError, match="unknown|extra"):
+    stages = StagesConfig.model_validate(
+        {"train": {"flavor": "debug", "stage": 1, "steps": 1, "workers": 0}}
+    )
+    assert stages.train.stage == "1"
+    with pytest.raises(ValueError, match="stepz"):
         StagesConfig.model_validate({"train": {"stepz": 3}})
+    config = PipelineConfig.model_construct(
+        run=tiny_run,
+        meta=tiny_run / "meta.json",
+        stages=stages,
+        models=ModelsConfig(tokenizer=train_tokenizer),
+    )
+    summary = STAGE_RUNNERS["train"](PipelineContext(config, RunFolder(tiny_run)))
+    assert summary.stage == "train"
+    assert (tiny_run / "train" / "metrics.jsonl").exists()
+    assert (tiny_run / "train" / "checkpoints" / "step-0000001" / "model.safetensors").exists()
 
 
 def _run_torchrun(args: list[str], nproc: int) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", "0", "-m", "curate.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "curate.train",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -157,17 +212,35 @@ def test_two_gloo_ranks_agree_with_one(distributed, small_packs, train_tokenizer
     """torchrun, 2 CPU ranks (gloo), 1 pack each = 1 process accumulating 2 packs."""
     from curate.train.model import load_model
 
-    common = ["--packs", str(small_packs), "--tokenizer", str(train_tokenizer), "--steps", "2",
-              "--lr", "2e-3", "--warmup-steps", "1", "--drop-path", "0", "--workers", "0"]
+    common = [
+        "--packs",
+        str(small_packs),
+        "--tokenizer",
+        str(train_tokenizer),
+        "--steps",
+        "2",
+        "--lr",
+        "2e-3",
+        "--warmup-steps",
+        "1",
+        "--drop-path",
+        "0",
+        "--workers",
+        "0",
+    ]
     _run_torchrun([*common, "--out", str(tmp_path / "two"), "--distributed", distributed], 2)
-    one = train(_cfg(small_packs, tmp_path / "one", train_tokenizer, steps=2, accum=2,
-                     drop_path=0.0), progress=False)
-    two_rows = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text()
-                .splitlines()]
+    one = train(
+        _cfg(small_packs, tmp_path / "one", train_tokenizer, steps=2, accum=2, drop_path=0.0),
+        progress=False,
+    )
+    two_rows = [
+        json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["loss"] for r in two_rows] == pytest.approx(one.losses, rel=1e-5, abs=0)
     assert [r["tokens"] for r in two_rows] == [
-        json.loads(ln)["tokens"] for ln in (tmp_path / "one" / "metrics.jsonl").read_text()
-        .splitlines()]
+        json.loads(ln)["tokens"]
+        for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    ]
     a = load_model(one.checkpoint).state_dict()
     b = load_model(tmp_path / "two" / "checkpoints" / "step-0000002").state_dict()
     for k in a:

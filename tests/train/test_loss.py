@@ -26,15 +26,24 @@ def two_sample_pack(tmp_path_factory, token_ids):
     return read_packs(write_packs([[a, b]], tmp_path_factory.mktemp("w") / "packs"))
 
 
-@pytest.mark.parametrize(("reduction", "w_a", "w_b", "total"), [
-    ("square", 1 / 2, 1 / 3, 4 / 2 + 9 / 3),
-    ("sample", 1 / 4, 1 / 9, 2.0),
-    ("token", 1.0, 1.0, 13.0),
-])
+@pytest.mark.parametrize(
+    ("reduction", "w_a", "w_b", "total"),
+    [
+        ("square", 1 / 2, 1 / 3, 4 / 2 + 9 / 3),
+        ("sample", 1 / 4, 1 / 9, 2.0),
+        ("token", 1.0, 1.0, 13.0),
+    ],
+)
 def test_weights_by_hand(two_sample_pack, token_ids, reduction, w_a, w_b, total):
-    ds = PackBatches(two_sample_pack, StepLayout(1), end_step=1, image_size=448,
-                     tokens_per_tile=256, image_token_id=token_ids.img_context,
-                     reduction=reduction)
+    ds = PackBatches(
+        two_sample_pack,
+        StepLayout(1),
+        end_step=1,
+        image_size=448,
+        tokens_per_tile=256,
+        image_token_id=token_ids.img_context,
+        reduction=reduction,
+    )
     batch = ds[0]
     la, lb = batch["seq_lens"].tolist()
     sup = batch["targets"] != IGNORE_INDEX
@@ -53,17 +62,23 @@ def test_loss_is_weighted_mean_of_ce(two_sample_pack, token_ids, train_tokenizer
     from curate.train.model import build_model
 
     model = build_model("debug", AutoTokenizer.from_pretrained(train_tokenizer), seed=0)
-    ds = PackBatches(two_sample_pack, StepLayout(1), end_step=1, image_size=448,
-                     tokens_per_tile=256, image_token_id=token_ids.img_context)
+    ds = PackBatches(
+        two_sample_pack,
+        StepLayout(1),
+        end_step=1,
+        image_size=448,
+        tokens_per_tile=256,
+        image_token_id=token_ids.img_context,
+    )
     batch = ds[0]
     with torch.no_grad():
         got = PackedCausalLM(model)(**{k: batch[k] for k in BATCH_KEYS}) / batch["weight_sum"]
         la, lb = batch["seq_lens"].tolist()
         expected_num = 0.0
         for start, n, x in ((0, la, 4), (la, lb, 9)):
-            ids = batch["input_ids"][start:start + n]
+            ids = batch["input_ids"][start : start + n]
             logits = model(input_ids=ids[None]).logits[0]
-            labels = batch["targets"][start:start + n]  # already shifted
+            labels = batch["targets"][start : start + n]  # already shifted
             ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
             expected_num += float(ce) / x**0.5
     assert float(got) == pytest.approx(expected_num / (4 / 2 + 9 / 3), rel=1e-5)
@@ -85,8 +100,15 @@ def test_loss_invariant_to_splitting(tiny_run, token_ids, train_tokenizer):
         model.zero_grad()
         wce = 0.0
         for rank in range(world):  # ranks one after the other; DDP would average their grads
-            ds = PackBatches(table, layout, rank=rank, end_step=1, image_size=448,
-                             tokens_per_tile=256, image_token_id=token_ids.img_context)
+            ds = PackBatches(
+                table,
+                layout,
+                rank=rank,
+                end_step=1,
+                image_size=448,
+                tokens_per_tile=256,
+                image_token_id=token_ids.img_context,
+            )
             for batch in ds:
                 wce += micro_step(module, batch, torch.device("cpu"), world)
         loss = wce / float(batch["weight_sum"])

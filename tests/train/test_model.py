@@ -51,24 +51,42 @@ def test_save_load_and_assemble(debug_model, tokenizer, tmp_path):
 
     debug_model.save_pretrained(tmp_path / "full")
     loaded = m.load_model(tmp_path / "full", tokenizer)
-    for (n, a), b in zip(debug_model.state_dict().items(), loaded.state_dict().values(),
-                         strict=True):
+    for (n, a), b in zip(
+        debug_model.state_dict().items(), loaded.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), n
     # Progressive scaling: the ViT of this model with another (fresh) LLM and a new projector.
-    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer) - 3, hidden_size=96,
-                                       intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2,
-                                       tie_word_embeddings=True))
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer) - 3,
+            hidden_size=96,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     llm.save_pretrained(tmp_path / "llm")
     big = m.assemble_model(tmp_path / "full", tmp_path / "llm", tokenizer)
     assert big.config.text_config.hidden_size == 96
     assert big.config.text_config.vocab_size >= len(tokenizer)  # grown to the tokenizer
-    for a, b in zip(debug_model.model.vision_tower.state_dict().values(),
-                    big.model.vision_tower.state_dict().values(), strict=True):
+    for a, b in zip(
+        debug_model.model.vision_tower.state_dict().values(),
+        big.model.vision_tower.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     layer = big.model.language_model.layers[0].self_attn.q_proj.weight
     assert torch.equal(layer, llm.model.layers[0].self_attn.q_proj.weight)
     assert big.model.multi_modal_projector.linear_2.out_features == 96
+    # A bare vision tower directory works the same way.
+    debug_model.model.vision_tower.save_pretrained(tmp_path / "vit")
+    again = m.assemble_model(tmp_path / "vit", tmp_path / "llm", tokenizer)
+    vit = again.model.vision_tower.embeddings.patch_embeddings.projection.weight
+    assert torch.equal(
+        vit, debug_model.model.vision_tower.embeddings.patch_embeddings.projection.weight
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,10 +99,15 @@ def test_packed_equals_per_sample(debug_model, token_ids, tiny_images, tmp_path,
     rng = np.random.default_rng(3)
     samples = []
     for k, n_img in enumerate((2, 0, 2, 1)):  # several multi-image samples
-        ims = [image_entry(tiny_images[(k + j) % 4], *[(1, 1), (2, 1), (1, 2)][j % 3])
-               for j in range(n_img)]
-        samples.append(make_sample(rng, token_ids, prompt_tokens=10 + 7 * k,
-                                   answer_tokens=5 + 3 * k, images=ims))
+        ims = [
+            image_entry(tiny_images[(k + j) % 4], *[(1, 1), (2, 1), (1, 2)][j % 3])
+            for j in range(n_img)
+        ]
+        samples.append(
+            make_sample(
+                rng, token_ids, prompt_tokens=10 + 7 * k, answer_tokens=5 + 3 * k, images=ims
+            )
+        )
     write_packs([samples], tmp_path / "packed")
     write_packs([[s] for s in samples], tmp_path / "single")
 
@@ -92,15 +115,30 @@ def test_packed_equals_per_sample(debug_model, token_ids, tiny_images, tmp_path,
     impl = m.resolve_attention(attention)
     model.set_attn_implementation(impl)
     module = PackedCausalLM(model, impl)
-    kw = dict(image_size=448, tokens_per_tile=256, image_token_id=model.config.image_token_id,
-              augment=False)
+    kw = dict(
+        image_size=448,
+        tokens_per_tile=256,
+        image_token_id=model.config.image_token_id,
+        augment=False,
+    )
 
     def grads_of(table, k):
         model.zero_grad()
         ds = PackBatches(table, StepLayout(len(table)), end_step=len(table), **kw)
         batch = ds[k]
-        wce = module(**{n: batch[n] for n in ("input_ids", "position_ids", "targets",
-                                               "weights", "seq_lens", "pixel_values")})
+        wce = module(
+            **{
+                n: batch[n]
+                for n in (
+                    "input_ids",
+                    "position_ids",
+                    "targets",
+                    "weights",
+                    "seq_lens",
+                    "pixel_values",
+                )
+            }
+        )
         wce.backward()
         return wce.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -132,11 +170,15 @@ def test_block_mask_is_what_isolates_samples(debug_model):
     pos = torch.cat([torch.arange(12), torch.arange(9)])[None]
     with torch.no_grad():
         alone = debug_model.model(input_ids=ids[:, 12:], use_cache=False).last_hidden_state
-        masked = debug_model.model(input_ids=ids, position_ids=pos, use_cache=False,
-                                   attention_mask=block_causal_mask(lens)).last_hidden_state
-        causal = debug_model.model(input_ids=ids, position_ids=pos, use_cache=False,
-                                   attention_mask=torch.ones(1, 21, dtype=torch.long)
-                                   ).last_hidden_state
+        masked = debug_model.model(
+            input_ids=ids, position_ids=pos, use_cache=False, attention_mask=block_causal_mask(lens)
+        ).last_hidden_state
+        causal = debug_model.model(
+            input_ids=ids,
+            position_ids=pos,
+            use_cache=False,
+            attention_mask=torch.ones(1, 21, dtype=torch.long),
+        ).last_hidden_state
     assert torch.allclose(masked[:, 12:], alone, atol=1e-5)
     assert not torch.allclose(causal[:, 12:], alone, atol=1e-3)
 
