@@ -101,6 +101,10 @@ STAGE_RUNNERS: dict[str, Callable[[PipelineContext], StageSummary]] = {
 }
 
 
+# Stages whose summary is rows in / kept / rejected per dataset.
+SHARD_TABLE_STAGES = ("ingest", "filter", "score")
+
+
 def prepare_demo(config: PipelineConfig) -> None:
     from curate.demo.data import make_demo, make_demo_models
 
@@ -129,7 +133,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, StageSummary]:
                 if getattr(config.stages, name, None) is None:
                     continue
                 summaries[name] = summary = runner(ctx)
-                if name not in ("budget", "pack"):
+                if name in SHARD_TABLE_STAGES:  # the others print their own report
                     console.print(summary_table(summary))
                 if summary.by_rule:
                     console.print(rules_table(summary))
