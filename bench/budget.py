@@ -22,8 +22,18 @@ from curate.budget.images import read_image_size
 from curate.budget.tiling import count_tiles, dynamic_preprocess
 from curate.demo import images as synth
 
-SIZES = [(1024, 768), (1280, 720), (1920, 1080), (600, 900), (800, 800), (2400, 600),
-         (850, 1100), (640, 480), (1600, 1200), (300, 1800)]
+SIZES = [
+    (1024, 768),
+    (1280, 720),
+    (1920, 1080),
+    (600, 900),
+    (800, 800),
+    (2400, 600),
+    (850, 1100),
+    (640, 480),
+    (1600, 1200),
+    (300, 1800),
+]
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -41,8 +41,13 @@ def make_conversations(n: int, seed: int = 0) -> list[dict]:
     from curate.demo import text as txt
 
     rng = random.Random(seed)
-    gens = [txt.general_qa, txt.math_qa, txt.code_qa, txt.science_qa,
-            lambda r: txt.ocr_qa(txt.document_lines(r, r.randint(4, 16)))]
+    gens = [
+        txt.general_qa,
+        txt.math_qa,
+        txt.code_qa,
+        txt.science_qa,
+        lambda r: txt.ocr_qa(txt.document_lines(r, r.randint(4, 16))),
+    ]
     out = []
     for i in range(n):
         n_turns = 1 if rng.random() < 0.8 else rng.randint(2, 3)
@@ -94,8 +99,11 @@ def peer_main(which: str, texts_path: str, out_path: str, repeat: int) -> None:
         from data_juicer.ops.filter.word_repetition_filter import WordRepetitionFilter
         from data_juicer.utils.constant import Fields
 
-        op = (CharacterRepetitionFilter(rep_len=10, max_ratio=0.5) if which == "dj_char"
-              else WordRepetitionFilter(rep_len=10, max_ratio=0.5))
+        op = (
+            CharacterRepetitionFilter(rep_len=10, max_ratio=0.5)
+            if which == "dj_char"
+            else WordRepetitionFilter(rep_len=10, max_ratio=0.5)
+        )
         key = "char_rep_ratio" if which == "dj_char" else "word_rep_ratio"
 
         def run():
@@ -115,10 +123,25 @@ def peer_main(which: str, texts_path: str, out_path: str, repeat: int) -> None:
 def run_peer(python: str, which: str, texts_path: str, repeat: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    env = {**os.environ, **{k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                              "MKL_NUM_THREADS", "POLARS_MAX_THREADS")}}
-    proc = subprocess.run([python, __file__, "--peer", which, texts_path, out, str(repeat)],
-                          capture_output=True, text=True, env=env, cwd="/tmp")
+    env = {
+        **os.environ,
+        **{
+            k: "1"
+            for k in (
+                "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "POLARS_MAX_THREADS",
+            )
+        },
+    }
+    proc = subprocess.run(
+        [python, __file__, "--peer", which, texts_path, out, str(repeat)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/tmp",
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(Path(out).read_text())
@@ -137,9 +160,19 @@ def curate_table(convs: list[dict]):
         turns = []
         for q, a in c["turns"]:
             turns += [{"role": "human", "text": q}, {"role": "gpt", "text": a}]
-        rows.append({"sample_id": str(c["id"]), "dataset": "bench", "line": c["id"] + 1,
-                     "domain": "general", "kind": "text", "conversations": turns, "images": [],
-                     "video": None, "extra": None})
+        rows.append(
+            {
+                "sample_id": str(c["id"]),
+                "dataset": "bench",
+                "line": c["id"] + 1,
+                "domain": "general",
+                "kind": "text",
+                "conversations": turns,
+                "images": [],
+                "video": None,
+                "extra": None,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
@@ -175,8 +208,9 @@ def curate_side(convs: list[dict], texts: list[str], repeat: int) -> dict:
     res["char_s"], res["char"] = best_of(repeat, lambda: rep.char_repetition_ratios(texts, 10))
     res["word_s"], res["word"] = best_of(repeat, lambda: rep.word_repetition_ratios(texts, 10))
     res["char_ref_s"], _ = best_of(1, lambda: [rep.char_repetition_ratio(t, 10) for t in texts])
-    res["gopher_s"], res["gopher"] = best_of(repeat, lambda: [rep.gopher_failures(t)
-                                                              for t in texts])
+    res["gopher_s"], res["gopher"] = best_of(
+        repeat, lambda: [rep.gopher_failures(t) for t in texts]
+    )
     return res
 
 
@@ -188,8 +222,9 @@ def rate(n: int, seconds: float) -> str:
 
 
 def recall(flags: list[bool], kinds: list[str], kind: str) -> str:
-    picked = [f for f, k in zip(flags, kinds, strict=True)
-              if (k == kind if kind else k != "normal")]
+    picked = [
+        f for f, k in zip(flags, kinds, strict=True) if (k == kind if kind else k != "normal")
+    ]
     return f"{sum(picked) / len(picked):.0%}" if picked else "-"
 
 
@@ -206,8 +241,10 @@ def main() -> None:
     kinds = [c["kind"] for c in convs]
     n = len(texts)
     planted = ", ".join(sorted(set(kinds) - {"normal"}))
-    print(f"{n} conversations, {sum(len(t) for t in texts) / n:.0f} answer chars on average, "
-          f"{sum(k != 'normal' for k in kinds)} planted ({planted})")
+    print(
+        f"{n} conversations, {sum(len(t) for t in texts) / n:.0f} answer chars on average, "
+        f"{sum(k != 'normal' for k in kinds)} planted ({planted})"
+    )
     ours = curate_side(convs, texts, args.repeat)
 
     peers: dict[str, dict] = {}
@@ -221,14 +258,18 @@ def main() -> None:
     for k, e in missing.items():
         print(f"peer {k} could not run: {e}")
 
-    rows = [("curate: all rules + repetition detectors (per answer)", ours["full_s"]),
-            ("curate: data-juicer char ratio formula (vectorised batch)", ours["char_s"]),
-            ("curate: data-juicer word ratio formula (vectorised batch)", ours["word_s"]),
-            ("curate: Gopher metrics formula (all 13, per text)", ours["gopher_s"]),
-            ("curate: data-juicer char ratio, one-text reference", ours["char_ref_s"])]
-    names = {"datatrove_gopher": "datatrove GopherRepetitionFilter (spaCy words)",
-             "dj_char": "data-juicer character_repetition_filter", "dj_word":
-             "data-juicer word_repetition_filter"}
+    rows = [
+        ("curate: all rules + repetition detectors (per answer)", ours["full_s"]),
+        ("curate: data-juicer char ratio formula (vectorised batch)", ours["char_s"]),
+        ("curate: data-juicer word ratio formula (vectorised batch)", ours["word_s"]),
+        ("curate: Gopher metrics formula (all 13, per text)", ours["gopher_s"]),
+        ("curate: data-juicer char ratio, one-text reference", ours["char_ref_s"]),
+    ]
+    names = {
+        "datatrove_gopher": "datatrove GopherRepetitionFilter (spaCy words)",
+        "dj_char": "data-juicer character_repetition_filter",
+        "dj_word": "data-juicer word_repetition_filter",
+    }
     for k, v in peers.items():
         if "error" not in v:
             rows.append((names[k], v["seconds"]))
@@ -251,16 +292,22 @@ def main() -> None:
         p = peers["datatrove_gopher"]
         dec = sum((not f) == k for f, k in zip(ours["gopher"], p["keep"], strict=True))
         reason = sum(r in f for f, r in zip(ours["gopher"], p["extra"], strict=True) if r)
-        print(f"| Gopher keep/drop | {dec}/{n} same; datatrove's first reason among ours in "
-              f"{reason}/{sum(1 for r in p['extra'] if r)} |")
+        print(
+            f"| Gopher keep/drop | {dec}/{n} same; datatrove's first reason among ours in "
+            f"{reason}/{sum(1 for r in p['extra'] if r)} |"
+        )
 
-    print("\n| side | planted caught | loops | dup lines | paragraph loops | zero runs "
-          "| normal samples hit |\n|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| side | planted caught | loops | dup lines | paragraph loops | zero runs "
+        "| normal samples hit |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
 
     def line(name, flags):
-        print(f"| {name} | {recall(flags, kinds, '')} | {recall(flags, kinds, 'loop')} | "
-              f"{recall(flags, kinds, 'dup_lines')} | {recall(flags, kinds, 'paragraph_loop')} | "
-              f"{recall(flags, kinds, 'zeros')} | {recall(flags, kinds, 'normal')} |")
+        print(
+            f"| {name} | {recall(flags, kinds, '')} | {recall(flags, kinds, 'loop')} | "
+            f"{recall(flags, kinds, 'dup_lines')} | {recall(flags, kinds, 'paragraph_loop')} | "
+            f"{recall(flags, kinds, 'zeros')} | {recall(flags, kinds, 'normal')} |"
+        )
 
     line("curate repetition rules", ours["repetition_flag"])
     line("curate all rules", ours["any_flag"])

@@ -18,8 +18,12 @@ def rule_rows(run: RunFolder, summary: StageSummary) -> list[dict]:
     """Per dataset and rule: samples flagged, samples rejected, and their share of the dataset."""
     # pyarrow, not polars: polars' thread pool in this process would deadlock the forked
     # workers of a later stage that uses polars.
-    counts = (run.ledger("filter").group_by(["dataset", "rule", "severity"])
-              .aggregate([("sample_id", "count_distinct")]).to_pylist())
+    counts = (
+        run.ledger("filter")
+        .group_by(["dataset", "rule", "severity"])
+        .aggregate([("sample_id", "count_distinct")])
+        .to_pylist()
+    )
     by_key: dict[tuple[str, str], dict[str, int]] = {}
     for r in counts:
         key = (r["dataset"], r["rule"])
@@ -28,8 +32,15 @@ def rule_rows(run: RunFolder, summary: StageSummary) -> list[dict]:
     for (dataset, rule), n in sorted(by_key.items()):
         flagged, rejected = n.get("flag", 0), n.get("reject", 0)
         total = summary.by_dataset.get(dataset, [0])[0]
-        rows.append({"dataset": dataset, "rule": rule, "flagged": flagged, "rejected": rejected,
-                     "share": (flagged + rejected) / total if total else 0.0})
+        rows.append(
+            {
+                "dataset": dataset,
+                "rule": rule,
+                "flagged": flagged,
+                "rejected": rejected,
+                "share": (flagged + rejected) / total if total else 0.0,
+            }
+        )
     return rows
 
 
@@ -40,8 +51,9 @@ def rule_table(rows: list[dict]) -> Table:
     for col in ("dataset", "rule", "flagged", "rejected", "share"):
         t.add_column(col, justify="left" if col in ("dataset", "rule") else "right")
     for r in rows:
-        t.add_row(r["dataset"], r["rule"], str(r["flagged"]), str(r["rejected"]),
-                  f"{r['share']:.1%}")
+        t.add_row(
+            r["dataset"], r["rule"], str(r["flagged"]), str(r["rejected"]), f"{r['share']:.1%}"
+        )
     return t
 
 
@@ -51,18 +63,23 @@ def run_filter_stage(ctx: PipelineContext) -> StageSummary:
     from curate.filters.stage import run_filter
 
     with shard_progress("filter", len(ctx.run.shards("samples"))) as on_shard:
-        summary = run_filter(ctx.run, ctx.config.stages.filter, on_shard=on_shard,
-                             executor=ctx.executor)
+        summary = run_filter(
+            ctx.run, ctx.config.stages.filter, on_shard=on_shard, executor=ctx.executor
+        )
     console.print(rule_table(rule_rows(ctx.run, summary)))
     return summary
 
 
 def filter_command(
     run: Annotated[Path, typer.Option("--run", help="run folder with ingested samples/")],
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="pipeline YAML whose stages.filter section sets the rules")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="processes over shards (default: the config's, else all cores)")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="pipeline YAML whose stages.filter section sets the rules"),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="processes over shards (default: the config's, else all cores)"),
+    ] = None,
 ) -> None:
     """Run the rule filters and repetition detectors; every failed rule goes to the ledger."""
     from curate.config import PipelineError, load_pipeline

@@ -27,7 +27,8 @@ class RuleSetting(BaseModel):
 
     threshold: float | None = Field(None, description="fail above (or below) this value")
     severity: Literal["reject", "flag"] | None = Field(
-        None, description="reject removes the sample; flag keeps it for review")
+        None, description="reject removes the sample; flag keeps it for review"
+    )
     enabled: bool | None = Field(None, description="false turns the rule off")
 
 
@@ -52,21 +53,27 @@ class FilterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: dict[str, RuleSetting] = Field(
-        default_factory=dict, description="changes to rule defaults, for all data")
+        default_factory=dict, description="changes to rule defaults, for all data"
+    )
     overrides: dict[str, dict[str, RuleSetting]] = Field(
-        default_factory=dict, description="changes per dataset name or domain (dataset wins)")
+        default_factory=dict, description="changes per dataset name or domain (dataset wins)"
+    )
     decode_images: bool = Field(True, description="decode pixels: unreadable and blank images")
     min_lines: int = Field(4, ge=2, description="duplicate_lines looks at answers of >= lines")
-    min_paragraphs: int = Field(3, ge=2, description="duplicate_paragraphs: answers of >= "
-                                "paragraphs")
-    repetition_min_chars: int = Field(64, ge=1, description="char_repetition looks at answers "
-                                      "of >= characters")
+    min_paragraphs: int = Field(
+        3, ge=2, description="duplicate_paragraphs: answers of >= paragraphs"
+    )
+    repetition_min_chars: int = Field(
+        64, ge=1, description="char_repetition looks at answers of >= characters"
+    )
     tail_loop_min_chars: int = Field(40, ge=1, description="a tail loop covers >= characters")
-    repeated_turn_min_chars: int = Field(20, ge=1, description="answers shorter than this may "
-                                         "repeat within a conversation")
+    repeated_turn_min_chars: int = Field(
+        20, ge=1, description="answers shorter than this may repeat within a conversation"
+    )
     batch_rows: int = Field(1024, ge=1, description="samples measured together (vectorised)")
-    workers: int | None = Field(None, ge=1, description="processes over shards (default: all "
-                                "cores)")
+    workers: int | None = Field(
+        None, ge=1, description="processes over shards (default: all cores)"
+    )
 
     @field_validator("rules")
     @classmethod
@@ -93,6 +100,7 @@ class FilterConfig(BaseModel):
                 threshold = threshold if s.threshold is None else s.threshold
                 severity = severity if s.severity is None else s.severity
                 enabled = enabled if s.enabled is None else s.enabled
-            out[rule.name] = ResolvedRule(rule.name, rule.metric, rule.op, float(threshold),
-                                          severity, enabled)
+            out[rule.name] = ResolvedRule(
+                rule.name, rule.metric, rule.op, float(threshold), severity, enabled
+            )
         return out

@@ -41,19 +41,28 @@ def content_hashes(table: pa.Table) -> np.ndarray:
     images = table.column("images").to_pylist()
     videos = table.column("video").to_pylist()
     return np.fromiter(
-        (xxhash.xxh3_64_intdigest(normalised_content(c, i or [], v))
-         for c, i, v in zip(convs, images, videos, strict=True)),
-        dtype=np.uint64, count=len(convs))
+        (
+            xxhash.xxh3_64_intdigest(normalised_content(c, i or [], v))
+            for c, i, v in zip(convs, images, videos, strict=True)
+        ),
+        dtype=np.uint64,
+        count=len(convs),
+    )
 
 
 def _shard_hashes(run_path: str, shard: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     table = RunFolder(run_path).read("samples", [shard]).select(_COLUMNS)
-    return (table.column("sample_id").to_pylist(), table.column("dataset").to_pylist(),
-            table.column("line").to_numpy(), content_hashes(table))
+    return (
+        table.column("sample_id").to_pylist(),
+        table.column("dataset").to_pylist(),
+        table.column("line").to_numpy(),
+        content_hashes(table),
+    )
 
 
-def find_duplicates(run: RunFolder, shards: list[str], dataset_order: list[str],
-                    workers: int = 1) -> dict[str, FirstCopy]:
+def find_duplicates(
+    run: RunFolder, shards: list[str], dataset_order: list[str], workers: int = 1
+) -> dict[str, FirstCopy]:
     """Map every duplicate sample id to the first sample with the same content.
 
     "First" is by dataset order (as in the meta file), then line; datasets not in

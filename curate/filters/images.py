@@ -42,13 +42,19 @@ def inspect_pixels(path: str, thumb_px: int = THUMB_PX) -> Pixels:
     return Pixels(True, float(values.std()) if values.size else 0.0)
 
 
-def image_metrics(images: list[list[dict]], decode: bool, thumb_px: int = THUMB_PX,
-                  cache: dict[str, Pixels] | None = None) -> dict[str, np.ndarray]:
+def image_metrics(
+    images: list[list[dict]],
+    decode: bool,
+    thumb_px: int = THUMB_PX,
+    cache: dict[str, Pixels] | None = None,
+) -> dict[str, np.ndarray]:
     """Per sample (NaN where it has no image): smallest side, largest aspect ratio, unreadable
     images, and the smallest grey-level spread among its images."""
     n = len(images)
-    out = {k: np.full(n, np.nan) for k in ("min_image_side", "max_aspect_ratio",
-                                           "unreadable_images", "min_image_std")}
+    out = {
+        k: np.full(n, np.nan)
+        for k in ("min_image_side", "max_aspect_ratio", "unreadable_images", "min_image_std")
+    }
     cache = {} if cache is None else cache
     for i, imgs in enumerate(images):
         if not imgs:
@@ -72,6 +78,9 @@ def image_metrics(images: list[list[dict]], decode: bool, thumb_px: int = THUMB_
 
 
 def unreadable_detail(imgs: list[dict], cache: dict[str, Pixels]) -> str:
-    bad = [f"{im['path']} ({cache[im['path']].error})" for im in imgs
-           if im["path"] in cache and not cache[im["path"]].readable]
+    bad = [
+        f"{im['path']} ({cache[im['path']].error})"
+        for im in imgs
+        if im["path"] in cache and not cache[im["path"]].readable
+    ]
     return "cannot decode " + "; ".join(bad)

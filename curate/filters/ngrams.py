@@ -123,8 +123,9 @@ def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
     return _POWERS[0], _POWERS[1]
 
 
-def token_spans(text_start: np.ndarray, sep: np.ndarray, core: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+def token_spans(
+    text_start: np.ndarray, sep: np.ndarray, core: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Words as [left, right) spans: tokens are runs of non-separators inside one text, and a
     word is its token with non-``core`` symbols stripped from both ends (tokens with no core
     symbol give no word)."""
@@ -162,8 +163,9 @@ def _ngram_hash(mixed: np.ndarray, n: int) -> np.ndarray:
     return out[: len(mixed) - n + 1]
 
 
-def window_hashes(symbols: np.ndarray, offsets: np.ndarray, n: int, *, mixed: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def window_hashes(
+    symbols: np.ndarray, offsets: np.ndarray, n: int, *, mixed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of every n-symbol window that lies inside one text, and each window's text.
 
     ``mixed``: the symbols are already well-spread 64-bit values (hashes), not small integers.
@@ -198,8 +200,9 @@ def group_counts(hashes: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.
     return (keys[starts] >> _OWNER_SHIFT).astype(np.int64), counts
 
 
-def top_k_sums(group_owner: np.ndarray, counts: np.ndarray, k: np.ndarray, n_texts: int
-               ) -> np.ndarray:
+def top_k_sums(
+    group_owner: np.ndarray, counts: np.ndarray, k: np.ndarray, n_texts: int
+) -> np.ndarray:
     """Per text, the sum of its ``k[text]`` largest group counts."""
     # k never exceeds a text's number of repeated n-grams, so only those can be among its top k.
     repeated = counts > 1

@@ -39,12 +39,27 @@ _OTHER_SPECIAL = (
     "◆●■►▼▲▴∆▻¡★☆✱ːº。¯˜¥ɪ≈†上ン：∼⁄・♡✓⊕․．⋅÷１‟；،、¨ाাी्े◦˚"
     "゜ʼ≖ʼ¤ッツシ℃√！【】‿∞➤～πه۩☛₨➩☻๑٪♥ıॽ《‘©﴿٬？▷Г♫∟™ª₪®「—❖」﴾》"
 )
-_SPECIAL_CHARS = sorted(set(string.punctuation + string.digits + string.whitespace)
-                        | set(_OTHER_SPECIAL))
-_EMOJI_RANGES = [(0x1F000, 0x1FAFF), (0x2600, 0x27BF), (0x2B00, 0x2BFF), (0x2300, 0x23FF),
-                 (0xFE00, 0xFE0F), (0x203C, 0x203C), (0x2049, 0x2049), (0x2122, 0x2122),
-                 (0x2139, 0x2139), (0x2194, 0x21AA), (0x24C2, 0x24C2), (0x25AA, 0x25FE),
-                 (0x2934, 0x2935), (0x3030, 0x3030), (0x303D, 0x303D), (0x3297, 0x3299)]
+_SPECIAL_CHARS = sorted(
+    set(string.punctuation + string.digits + string.whitespace) | set(_OTHER_SPECIAL)
+)
+_EMOJI_RANGES = [
+    (0x1F000, 0x1FAFF),
+    (0x2600, 0x27BF),
+    (0x2B00, 0x2BFF),
+    (0x2300, 0x23FF),
+    (0xFE00, 0xFE0F),
+    (0x203C, 0x203C),
+    (0x2049, 0x2049),
+    (0x2122, 0x2122),
+    (0x2139, 0x2139),
+    (0x2194, 0x21AA),
+    (0x24C2, 0x24C2),
+    (0x25AA, 0x25FE),
+    (0x2934, 0x2935),
+    (0x3030, 0x3030),
+    (0x303D, 0x303D),
+    (0x3297, 0x3299),
+]
 
 
 def _char_class(fmt) -> str:
@@ -244,10 +259,19 @@ def gopher_repetition(text: str) -> dict[str, float]:
 
 # Datatrove's defaults (Gopher paper, table A1): a text fails when a metric exceeds its value.
 GOPHER_THRESHOLDS = {
-    "dup_para_frac": 0.3, "dup_para_char_frac": 0.2, "dup_line_frac": 0.3,
-    "dup_line_char_frac": 0.2, "top_2_gram": 0.2, "top_3_gram": 0.18, "top_4_gram": 0.16,
-    "duplicated_5_n_grams": 0.15, "duplicated_6_n_grams": 0.14, "duplicated_7_n_grams": 0.13,
-    "duplicated_8_n_grams": 0.12, "duplicated_9_n_grams": 0.11, "duplicated_10_n_grams": 0.10,
+    "dup_para_frac": 0.3,
+    "dup_para_char_frac": 0.2,
+    "dup_line_frac": 0.3,
+    "dup_line_char_frac": 0.2,
+    "top_2_gram": 0.2,
+    "top_3_gram": 0.18,
+    "top_4_gram": 0.16,
+    "duplicated_5_n_grams": 0.15,
+    "duplicated_6_n_grams": 0.14,
+    "duplicated_7_n_grams": 0.13,
+    "duplicated_8_n_grams": 0.12,
+    "duplicated_9_n_grams": 0.11,
+    "duplicated_10_n_grams": 0.10,
 }
 
 
@@ -269,8 +293,9 @@ def internvl_ngram_repetition(text: str, n: int = 10) -> float:
     return sum(1 for c in grams.values() if c > 1) / total if total > 0 else 0.0
 
 
-def check_conversations_repetition(conversations: list[dict], repeat_threshold: float = 0.4,
-                                   ngram: int = 10) -> bool:
+def check_conversations_repetition(
+    conversations: list[dict], repeat_threshold: float = 0.4, ngram: int = 10
+) -> bool:
     """InternVL's check on an annotation's ``conversations``: True when any ``gpt`` turn's
     n-gram repetition exceeds the threshold (InternVL raises there; its call is disabled)."""
     return any(
@@ -307,8 +332,9 @@ class TailLoop:
     span: str = ""
 
 
-def tail_loop(text: str, *, probe_chars: int = 16, max_candidates: int = 8,
-              max_period: int = 4000) -> TailLoop:
+def tail_loop(
+    text: str, *, probe_chars: int = 16, max_candidates: int = 8, max_period: int = 4000
+) -> TailLoop:
     """The longest periodic stretch that ends the text (trailing whitespace ignored).
 
     If the end of a text repeats with period p, its last few characters (the probe) also occur

@@ -26,11 +26,28 @@ from curate.records import SAMPLE_SCHEMA
 
 # Metric columns, in output order (float64; NaN where a metric does not apply).
 METRICS = (
-    "empty_answers", "max_answer_chars", "max_sentence_words", "max_line_chars", "max_zero_run",
-    "max_char_run", "control_chars", "replacement_chars", "answer_placeholders",
-    "placeholder_mismatch", "dup_line_frac", "dup_para_frac", "char_rep_ratio", "word_rep_ratio",
-    "internvl_rep_ratio", "tail_loop_repeats", "tail_loop_chars", "repeated_turns",
-    "duplicate_of_earlier", "min_image_side", "max_aspect_ratio", "unreadable_images",
+    "empty_answers",
+    "max_answer_chars",
+    "max_sentence_words",
+    "max_line_chars",
+    "max_zero_run",
+    "max_char_run",
+    "control_chars",
+    "replacement_chars",
+    "answer_placeholders",
+    "placeholder_mismatch",
+    "dup_line_frac",
+    "dup_para_frac",
+    "char_rep_ratio",
+    "word_rep_ratio",
+    "internvl_rep_ratio",
+    "tail_loop_repeats",
+    "tail_loop_chars",
+    "repeated_turns",
+    "duplicate_of_earlier",
+    "min_image_side",
+    "max_aspect_ratio",
+    "unreadable_images",
     "min_image_std",
 )
 
@@ -66,9 +83,15 @@ class Batch:
         owner = pc.list_parent_indices(conv).to_numpy().astype(np.int64)
         starts = np.searchsorted(owner, np.arange(len(table)))
         index = np.arange(len(owner)) - starts[owner] if len(owner) else owner
-        return cls(table, owner, index, flat.field("role").to_pylist(),
-                   flat.field("text").to_pylist(),
-                   [x or [] for x in table.column("images").to_pylist()], duplicates or {})
+        return cls(
+            table,
+            owner,
+            index,
+            flat.field("role").to_pylist(),
+            flat.field("text").to_pylist(),
+            [x or [] for x in table.column("images").to_pylist()],
+            duplicates or {},
+        )
 
     def turns(self, role: str) -> tuple[list[str], np.ndarray]:
         pick = [i for i, r in enumerate(self.roles) if r == role]
@@ -85,8 +108,11 @@ def measure(batch: Batch, cfg: FilterConfig) -> dict[str, np.ndarray]:
     m.update(txt.char_counts(batch.texts, batch.turn_owner, n))
     kinds = batch.table.column("kind").to_pylist()
     m["placeholder_mismatch"] = txt.placeholder_mismatch(
-        user, user_owner, np.array([len(x) for x in batch.images], dtype=np.float64),
-        np.array([k == "video" for k in kinds]))
+        user,
+        user_owner,
+        np.array([len(x) for x in batch.images], dtype=np.float64),
+        np.array([k == "video" for k in kinds]),
+    )
 
     # Repetition, per answer; a sample gets its worst answer's value.
     fracs = [rep.duplicate_fractions(a, cfg.min_lines, cfg.min_paragraphs) for a in answers]
@@ -96,20 +122,28 @@ def measure(batch: Batch, cfg: FilterConfig) -> dict[str, np.ndarray]:
     char_ratio = np.zeros(len(answers))
     if long_enough.any():
         char_ratio[long_enough] = rep.char_repetition_ratios(
-            [a for a, ok in zip(answers, long_enough, strict=True) if ok])
+            [a for a, ok in zip(answers, long_enough, strict=True) if ok]
+        )
     m["char_rep_ratio"] = _worst(char_ratio, owner, n)
     m["word_rep_ratio"] = _worst(rep.word_repetition_ratios(answers), owner, n)
     m["internvl_rep_ratio"] = _worst(rep.internvl_repetition_ratios(answers), owner, n)
     none = rep.TailLoop()
-    loops = [lp if lp.chars >= cfg.tail_loop_min_chars else none
-             for lp in (rep.tail_loop(a) for a in answers)]
+    loops = [
+        lp if lp.chars >= cfg.tail_loop_min_chars else none
+        for lp in (rep.tail_loop(a) for a in answers)
+    ]
     m["tail_loop_repeats"] = _worst([lp.repeats for lp in loops], owner, n)
     m["tail_loop_chars"] = _worst([lp.chars for lp in loops], owner, n)
     by_sample: list[list[str]] = [[] for _ in range(n)]
     for a, o in zip(answers, owner, strict=True):
         by_sample[o].append(a)
-    m["repeated_turns"] = np.array([rep.repeated_turns(t, cfg.repeated_turn_min_chars)
-                                    if len(t) > 1 else 0 for t in by_sample], dtype=np.float64)
+    m["repeated_turns"] = np.array(
+        [
+            rep.repeated_turns(t, cfg.repeated_turn_min_chars) if len(t) > 1 else 0
+            for t in by_sample
+        ],
+        dtype=np.float64,
+    )
 
     ids = batch.table.column("sample_id").to_pylist()
     m["duplicate_of_earlier"] = np.array([float(i in batch.duplicates) for i in ids])
@@ -121,8 +155,9 @@ def _worst(values, owner: np.ndarray, n: int) -> np.ndarray:
     return ngrams.segment_max(np.asarray(values, dtype=np.float64), owner, n, empty=0.0)
 
 
-def failures(metrics: dict[str, np.ndarray], settings: list[dict[str, ResolvedRule]]
-             ) -> dict[str, np.ndarray]:
+def failures(
+    metrics: dict[str, np.ndarray], settings: list[dict[str, ResolvedRule]]
+) -> dict[str, np.ndarray]:
     """Rule name -> boolean mask of the samples it fails, given each sample's rule settings."""
     out = {}
     for rule in RULES:
@@ -136,8 +171,7 @@ def failures(metrics: dict[str, np.ndarray], settings: list[dict[str, ResolvedRu
     return out
 
 
-def judge(batch: Batch, metrics: dict[str, np.ndarray], cfg: FilterConfig
-          ) -> list[list[Reason]]:
+def judge(batch: Batch, metrics: dict[str, np.ndarray], cfg: FilterConfig) -> list[list[Reason]]:
     """Every failed rule of every sample in the batch, in rule order."""
     datasets = batch.table.column("dataset").to_pylist()
     domains = batch.table.column("domain").to_pylist()
@@ -149,13 +183,21 @@ def judge(batch: Batch, metrics: dict[str, np.ndarray], cfg: FilterConfig
         for i in np.flatnonzero(masks[rule.name]):
             r = settings[i][rule.name]
             value = float(metrics[rule.metric][i])
-            reasons[i].append(Reason(rule.name, r.severity, value, r.threshold,
-                                     describe(rule.name, batch, int(i), value, r, cfg)))
+            reasons[i].append(
+                Reason(
+                    rule.name,
+                    r.severity,
+                    value,
+                    r.threshold,
+                    describe(rule.name, batch, int(i), value, r, cfg),
+                )
+            )
     return reasons
 
 
-def check_sample(sample: dict, cfg: FilterConfig | None = None,
-                 duplicate_of: FirstCopy | None = None) -> tuple[dict[str, float], list[Reason]]:
+def check_sample(
+    sample: dict, cfg: FilterConfig | None = None, duplicate_of: FirstCopy | None = None
+) -> tuple[dict[str, float], list[Reason]]:
     """Measure and judge one sample row (SAMPLE_SCHEMA fields): its metrics and its reasons."""
     cfg = cfg or FilterConfig()
     row = {name: sample.get(name) for name in SAMPLE_SCHEMA.names}
@@ -180,12 +222,16 @@ def _turns_of(batch: Batch, i: int) -> range:
 
 
 def _answers_of(batch: Batch, i: int) -> list[tuple[int, str]]:
-    return [(int(batch.turn_index[k]), batch.texts[k]) for k in _turns_of(batch, i)
-            if batch.roles[k] == "gpt"]
+    return [
+        (int(batch.turn_index[k]), batch.texts[k])
+        for k in _turns_of(batch, i)
+        if batch.roles[k] == "gpt"
+    ]
 
 
-def describe(rule: str, batch: Batch, i: int, value: float, r: ResolvedRule,
-             cfg: FilterConfig) -> str:
+def describe(
+    rule: str, batch: Batch, i: int, value: float, r: ResolvedRule, cfg: FilterConfig
+) -> str:
     """A one-line explanation of why ``rule`` failed sample ``i`` of the batch."""
     base = f"{RULES_BY_NAME[rule].metric} = {value:g} ({r.op} {r.threshold:g})"
     answers = _answers_of(batch, i)
@@ -196,14 +242,21 @@ def describe(rule: str, batch: Batch, i: int, value: float, r: ResolvedRule,
     if rule == "tail_loop":
         k, a = max(answers, key=lambda ka: rep.tail_loop(ka[1]).chars)
         lp = rep.tail_loop(a)
-        return (f"{base}: turn {k} ends with «{_clip(lp.span)}» ({lp.period} chars) repeated "
-                f"{lp.repeats:.1f}x over its last {lp.chars} chars")
+        return (
+            f"{base}: turn {k} ends with «{_clip(lp.span)}» ({lp.period} chars) repeated "
+            f"{lp.repeats:.1f}x over its last {lp.chars} chars"
+        )
     if rule == "repeated_turns":
         return f"{base}: an answer of >= {cfg.repeated_turn_min_chars} chars given twice"
     if rule in ("control_chars", "replacement_char"):
         pattern = "\ufffd" if rule == "replacement_char" else txt.CONTROL_CHARS
-        bad = sorted({f"U+{ord(c):04X}" for k in _turns_of(batch, i)
-                      for c in re.findall(pattern, batch.texts[k])})
+        bad = sorted(
+            {
+                f"U+{ord(c):04X}"
+                for k in _turns_of(batch, i)
+                for c in re.findall(pattern, batch.texts[k])
+            }
+        )
         return f"{base}: {' '.join(bad)}"
     if rule == "duplicate_sample":
         first = batch.duplicates[batch.table.column("sample_id")[i].as_py()]
@@ -211,16 +264,30 @@ def describe(rule: str, batch: Batch, i: int, value: float, r: ResolvedRule,
     if rule == "image_unreadable":
         return img.unreadable_detail(images, batch.pixels)
     if rule in ("image_too_small", "image_aspect_ratio"):
-        sizes = ", ".join(f"{im['path'].rsplit('/', 1)[-1]} {im['width']}x{im['height']}"
-                          for im in images[:4])
+        sizes = ", ".join(
+            f"{im['path'].rsplit('/', 1)[-1]} {im['width']}x{im['height']}" for im in images[:4]
+        )
         return f"{base}: {sizes}"
     if rule == "image_blank":
-        blank = [im["path"] for im in images if im["path"] in batch.pixels
-                 and batch.pixels[im["path"]].std < r.threshold]
+        blank = [
+            im["path"]
+            for im in images
+            if im["path"] in batch.pixels and batch.pixels[im["path"]].std < r.threshold
+        ]
         return f"{base}: {', '.join(blank[:4])}"
-    if rule in ("zero_run", "char_run", "long_sentence", "long_line", "answer_too_long",
-                "duplicate_lines", "duplicate_paragraphs", "char_repetition", "word_repetition",
-                "internvl_repetition", "image_in_answer"):
+    if rule in (
+        "zero_run",
+        "char_run",
+        "long_sentence",
+        "long_line",
+        "answer_too_long",
+        "duplicate_lines",
+        "duplicate_paragraphs",
+        "char_repetition",
+        "word_repetition",
+        "internvl_repetition",
+        "image_in_answer",
+    ):
         return f"{base}: {_clip(_worst_answer(rule, answers), 80)}"
     return base
 
@@ -232,7 +299,7 @@ def _worst_answer(rule: str, answers: list[tuple[int, str]]) -> str:
     if rule == "zero_run":
         k, a = max(answers, key=lambda ka: ka[1].count("0" * 8))
         at = a.find("0" * 8)
-        return f"turn {k}: …{a[max(0, at - 20): at + 20]}…"
+        return f"turn {k}: …{a[max(0, at - 20) : at + 20]}…"
     if rule == "image_in_answer":
         k, a = next(((k, a) for k, a in answers if "<image>" in a or "<video>" in a), answers[0])
         return f"turn {k}: {a}"

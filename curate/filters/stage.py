@@ -28,8 +28,11 @@ STAGE = "filter"
 FILTER_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("dataset", pa.string()), ("line", pa.int64())]
     + [(m, pa.float64()) for m in METRICS]
-    + [("flags", pa.list_(pa.string())), ("repetition_suspect", pa.bool_()),
-       ("decision", pa.string())]  # keep | flag (rejected samples are in the ledger only)
+    + [
+        ("flags", pa.list_(pa.string())),
+        ("repetition_suspect", pa.bool_()),
+        ("decision", pa.string()),
+    ]  # keep | flag (rejected samples are in the ledger only)
 )
 
 
@@ -40,8 +43,9 @@ def decide(reasons: list[Reason]) -> str:
     return "flag" if reasons else "keep"
 
 
-def filter_table(table: pa.Table, cfg: FilterConfig, duplicates: dict[str, FirstCopy]
-                 ) -> tuple[list[dict], list[LedgerEntry], dict[str, list[int]]]:
+def filter_table(
+    table: pa.Table, cfg: FilterConfig, duplicates: dict[str, FirstCopy]
+) -> tuple[list[dict], list[LedgerEntry], dict[str, list[int]]]:
     """Measure and judge sample rows: output rows, ledger entries, counts per dataset."""
     rows, entries, by_ds = [], [], {}
     pixels: dict = {}
@@ -60,22 +64,31 @@ def filter_table(table: pa.Table, cfg: FilterConfig, duplicates: dict[str, First
             counts[0] += 1
             counts[1 if decision != "reject" else 2] += 1
             counts[3] += decision == "flag"
-            entries += [LedgerEntry(sid, ds, line, STAGE, r.rule, r.severity, r.value,
-                                    r.threshold, r.detail) for r in why]
+            entries += [
+                LedgerEntry(
+                    sid, ds, line, STAGE, r.rule, r.severity, r.value, r.threshold, r.detail
+                )
+                for r in why
+            ]
             if decision == "reject":
                 continue
-            rows.append({
-                "sample_id": sid, "dataset": ds, "line": line,
-                **{m: float(metrics[m][i]) for m in METRICS},
-                "flags": [r.rule for r in why],
-                "repetition_suspect": any(r.rule in REPETITION_RULES for r in why),
-                "decision": decision,
-            })
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "dataset": ds,
+                    "line": line,
+                    **{m: float(metrics[m][i]) for m in METRICS},
+                    "flags": [r.rule for r in why],
+                    "repetition_suspect": any(r.rule in REPETITION_RULES for r in why),
+                    "decision": decision,
+                }
+            )
     return rows, entries, by_ds
 
 
-def process_shard(run_path: str, cfg: FilterConfig, duplicates: dict[str, FirstCopy],
-                  shard: str) -> ShardResult:
+def process_shard(
+    run_path: str, cfg: FilterConfig, duplicates: dict[str, FirstCopy], shard: str
+) -> ShardResult:
     table = RunFolder(run_path).read("samples", [shard])
     rows, entries, by_ds = filter_table(table, cfg, duplicates)
     rejected = sum(c[2] for c in by_ds.values())
@@ -109,8 +122,10 @@ def check_overrides(run: RunFolder, cfg: FilterConfig) -> None:
     known = set(datasets) | {d.get("domain") for d in datasets.values()}
     unknown = sorted(set(cfg.overrides) - known)
     if unknown:
-        raise ValueError(f"filter overrides name unknown datasets/domains {unknown}; "
-                         f"known: {sorted(k for k in known if k)}")
+        raise ValueError(
+            f"filter overrides name unknown datasets/domains {unknown}; "
+            f"known: {sorted(k for k in known if k)}"
+        )
 
 
 def _settings(cfg: FilterConfig) -> dict:
@@ -118,8 +133,9 @@ def _settings(cfg: FilterConfig) -> dict:
     return cfg.model_dump(mode="json", exclude={"workers", "batch_rows"})
 
 
-def run_filter(run: RunFolder, config: FilterConfig | None = None, on_shard=None,
-               executor=None) -> StageSummary:
+def run_filter(
+    run: RunFolder, config: FilterConfig | None = None, on_shard=None, executor=None
+) -> StageSummary:
     """Filter every ingested shard of the run; finished shards are skipped, unless the rule
     settings changed since they were filtered (then the whole stage runs again).
     ``executor`` (``curate.executors``) decides where shards are filtered; default: here."""
@@ -134,5 +150,6 @@ def run_filter(run: RunFolder, config: FilterConfig | None = None, on_shard=None
     todo = [s for s in shards if not run.is_done(STAGE, s)]
     duplicates = find_duplicates(run, shards, dataset_order(run), workers) if todo else {}
     process = partial(process_shard, str(run.path), cfg, duplicates)
-    return run_shards(run, STAGE, shards, process, workers=workers, on_shard=on_shard,
-                      executor=executor)
+    return run_shards(
+        run, STAGE, shards, process, workers=workers, on_shard=on_shard, executor=executor
+    )

@@ -47,12 +47,18 @@ def _per_sample_max(values: np.ndarray, turn_owner: np.ndarray, n: int) -> np.nd
 def char_counts(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Control characters and U+FFFD replacement characters per sample (all turns)."""
     found = CONTROL_CHARS.search
-    control = np.fromiter((len(CONTROL_CHARS.findall(t)) if found(t) else 0 for t in texts),
-                          dtype=np.float64, count=len(texts))
-    replacement = np.fromiter((t.count("\ufffd") for t in texts), dtype=np.float64,
-                              count=len(texts))
-    return {"control_chars": np.bincount(owner, weights=control, minlength=n),
-            "replacement_chars": np.bincount(owner, weights=replacement, minlength=n)}
+    control = np.fromiter(
+        (len(CONTROL_CHARS.findall(t)) if found(t) else 0 for t in texts),
+        dtype=np.float64,
+        count=len(texts),
+    )
+    replacement = np.fromiter(
+        (t.count("\ufffd") for t in texts), dtype=np.float64, count=len(texts)
+    )
+    return {
+        "control_chars": np.bincount(owner, weights=control, minlength=n),
+        "replacement_chars": np.bincount(owner, weights=replacement, minlength=n),
+    }
 
 
 def answer_shape(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.ndarray]:
@@ -62,8 +68,11 @@ def answer_shape(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.nd
     out: dict[str, np.ndarray] = {}
     lengths = np.fromiter((len(t) for t in texts), dtype=np.float64, count=len(texts))
     empty = np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts))
-    placeholders = np.fromiter((t.count(IMAGE_TOKEN) + t.count(VIDEO_TOKEN) for t in texts),
-                               dtype=np.float64, count=len(texts))
+    placeholders = np.fromiter(
+        (t.count(IMAGE_TOKEN) + t.count(VIDEO_TOKEN) for t in texts),
+        dtype=np.float64,
+        count=len(texts),
+    )
     out["empty_answers"] = np.bincount(owner[empty], minlength=n).astype(np.float64)
     out["max_answer_chars"] = _per_sample_max(lengths, owner, n)
     out["answer_placeholders"] = np.bincount(owner, weights=placeholders, minlength=n)
@@ -88,16 +97,18 @@ def answer_shape(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.nd
     word_start = in_word & (text_start | prev_space | prev_end)
     words = np.bincount(sentence_id, weights=word_start)
     sentence_turn = turn_of[np.flatnonzero(text_start | prev_end)]
-    out["max_sentence_words"] = _per_sample_max(_per_turn_max(words, sentence_turn, len(texts)),
-                                                owner, n)
+    out["max_sentence_words"] = _per_sample_max(
+        _per_turn_max(words, sentence_turn, len(texts)), owner, n
+    )
 
     newline = cps == 10
     prev_newline = np.concatenate(([False], newline[:-1]))
     line_id = np.cumsum(text_start | prev_newline) - 1
     line_chars = np.bincount(line_id, weights=~newline)
     line_turn = turn_of[np.flatnonzero(text_start | prev_newline)]
-    out["max_line_chars"] = _per_sample_max(_per_turn_max(line_chars, line_turn, len(texts)),
-                                            owner, n)
+    out["max_line_chars"] = _per_sample_max(
+        _per_turn_max(line_chars, line_turn, len(texts)), owner, n
+    )
 
     # Runs of one character (never across turns).
     run_start = text_start | np.concatenate(([True], cps[1:] != cps[:-1]))
@@ -108,9 +119,11 @@ def answer_shape(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.nd
     zeros = run_char == ZERO
     visible = ~space[starts] & ~zeros
     out["max_zero_run"] = _per_sample_max(
-        _per_turn_max(run_len[zeros], run_turn[zeros], len(texts)), owner, n)
+        _per_turn_max(run_len[zeros], run_turn[zeros], len(texts)), owner, n
+    )
     out["max_char_run"] = _per_sample_max(
-        _per_turn_max(run_len[visible], run_turn[visible], len(texts)), owner, n)
+        _per_turn_max(run_len[visible], run_turn[visible], len(texts)), owner, n
+    )
     return out
 
 
@@ -118,8 +131,9 @@ def _per_turn_max(values: np.ndarray, turn: np.ndarray, turns: int) -> np.ndarra
     return ngrams.segment_max(values, turn, turns, empty=0.0)
 
 
-def placeholder_mismatch(user_texts: list[str], owner: np.ndarray, n_images: np.ndarray,
-                         is_video: np.ndarray) -> np.ndarray:
+def placeholder_mismatch(
+    user_texts: list[str], owner: np.ndarray, n_images: np.ndarray, is_video: np.ndarray
+) -> np.ndarray:
     """How far the user turns' placeholders are from the sample's media, per sample.
 
     Images: |<image> count − images| (a single image may have no placeholder: InternVL adds

@@ -29,25 +29,49 @@ def prose(rng: random.Random, sentences: int, words: tuple[int, int] = (6, 14)) 
     return " ".join(out)
 
 
-def sample(answer: str | list[str] = "A small cat sits on the mat.", *,
-           question: str = "What is it?",
-           images: list[dict] | None = None, dataset: str = "ds_a", domain: str = "general",
-           line: int = 1, kind: str | None = None, sid: str | None = None) -> dict:
+def sample(
+    answer: str | list[str] = "A small cat sits on the mat.",
+    *,
+    question: str = "What is it?",
+    images: list[dict] | None = None,
+    dataset: str = "ds_a",
+    domain: str = "general",
+    line: int = 1,
+    kind: str | None = None,
+    sid: str | None = None,
+) -> dict:
     answers = [answer] if isinstance(answer, str) else answer
     conv = []
     for k, a in enumerate(answers):
-        conv += [{"role": "human", "text": question if k == 0 else f"And {k}?"},
-                 {"role": "gpt", "text": a}]
+        conv += [
+            {"role": "human", "text": question if k == 0 else f"And {k}?"},
+            {"role": "gpt", "text": a},
+        ]
     images = images or []
     if kind is None:
         kind = {0: "text", 1: "image"}.get(len(images), "multi_image")
-    return {"sample_id": sid or f"{dataset}:{line}", "dataset": dataset, "line": line,
-            "domain": domain, "kind": kind, "conversations": conv, "images": images,
-            "video": None, "extra": None}
+    return {
+        "sample_id": sid or f"{dataset}:{line}",
+        "dataset": dataset,
+        "line": line,
+        "domain": domain,
+        "kind": kind,
+        "conversations": conv,
+        "images": images,
+        "video": None,
+        "extra": None,
+    }
 
 
-def image(path: Path, width: int, height: int, *, blank: bool = False, truncate: bool = False,
-          seed: int = 0) -> dict:
+def image(
+    path: Path,
+    width: int,
+    height: int,
+    *,
+    blank: bool = False,
+    truncate: bool = False,
+    seed: int = 0,
+) -> dict:
     """Write a noisy (or blank) image and return its SAMPLE_SCHEMA entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if blank:

@@ -69,14 +69,18 @@ def test_internvl_metric_hand_example():
     twice = prose(random.Random(1), 6)
     convs = [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": f"{twice} {twice}"}]
     assert check_conversations_repetition(convs)
-    normal = [{"from": "human", "value": "Describe."},
-              {"from": "gpt", "value": prose(random.Random(2), 8)}]
+    normal = [
+        {"from": "human", "value": "Describe."},
+        {"from": "gpt", "value": prose(random.Random(2), 8)},
+    ]
     assert not check_conversations_repetition(normal)
     # It counts DISTINCT repeated n-grams, so one span looped 40 times scores low (a few
     # distinct n-grams over hundreds): InternVL's check misses the classic generation loop,
     # which tail_loop and word_repetition catch.
-    loop = [{"from": "human", "value": "Describe."},
-            {"from": "gpt", "value": demo_text.generation_loop(random.Random(1))}]
+    loop = [
+        {"from": "human", "value": "Describe."},
+        {"from": "gpt", "value": demo_text.generation_loop(random.Random(1))},
+    ]
     assert not check_conversations_repetition(loop)
     _, reasons = check_sample(sample(loop[1]["value"]))
     assert {"tail_loop", "word_repetition"} <= {r.rule for r in reasons}
@@ -91,7 +95,8 @@ def test_batch_versions_equal_one_text_versions(batch, n):
     assert list(char_repetition_ratios(batch, n)) == [char_repetition_ratio(t, n) for t in batch]
     assert list(word_repetition_ratios(batch, n)) == [word_repetition_ratio(t, n) for t in batch]
     assert list(internvl_repetition_ratios(batch, n)) == [
-        internvl_ngram_repetition(t, n) for t in batch]
+        internvl_ngram_repetition(t, n) for t in batch
+    ]
 
 
 # --- conversation-aware detectors ------------------------------------------------------------
@@ -117,10 +122,21 @@ def test_repeated_turns_ignore_short_answers():
 
 
 SHORT_NORMAL_ANSWERS = [
-    "Yes.", "No.", "4", "The answer is 4.", "A red car.", "It is a cat. It is a cat.",
-    "ha ha ha", "Yes! Yes! Yes!", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
-    "| a | b |\n|---|---|\n| 1 | 2 |", "}\n}\n}", "Left: 2. Right: 2. Total: 4.",
-    "The image shows a dog. The dog is brown.", "B", "(A) (A) (A)",
+    "Yes.",
+    "No.",
+    "4",
+    "The answer is 4.",
+    "A red car.",
+    "It is a cat. It is a cat.",
+    "ha ha ha",
+    "Yes! Yes! Yes!",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
+    "| a | b |\n|---|---|\n| 1 | 2 |",
+    "}\n}\n}",
+    "Left: 2. Right: 2. Total: 4.",
+    "The image shows a dog. The dog is brown.",
+    "B",
+    "(A) (A) (A)",
     "```python\nprint(1)\nprint(1)\n```",
     "Step 1: add. Step 2: add. Step 3: add.",
     "00:00 - 00:10 intro",
@@ -129,8 +145,9 @@ SHORT_NORMAL_ANSWERS = [
 
 @pytest.mark.parametrize("answer", SHORT_NORMAL_ANSWERS)
 def test_short_normal_answers_not_flagged(answer):
-    _, reasons = check_sample(sample(answer), FilterConfig(rules={
-        "internvl_repetition": {"enabled": True}}))
+    _, reasons = check_sample(
+        sample(answer), FilterConfig(rules={"internvl_repetition": {"enabled": True}})
+    )
     assert [r.rule for r in reasons if r.rule in REPETITION_RULES] == []
 
 

@@ -34,25 +34,32 @@ def _bad_samples(tmp) -> dict[str, dict]:
         "control_chars": sample("It is 4.\x07"),
         "replacement_char": sample("It is \ufffd4."),
         "image_in_answer": sample("Here: <image> a cat."),
-        "placeholder_mismatch": sample("A cat.", question="<image>\n<image>\nWhat?",
-                                       images=[ok_img]),
-        "duplicate_lines": sample("\n".join(["Total: 4.", "Item one.", "Total: 4.", "Total: 4.",
-                                             "Item two."])),
+        "placeholder_mismatch": sample(
+            "A cat.", question="<image>\n<image>\nWhat?", images=[ok_img]
+        ),
+        "duplicate_lines": sample(
+            "\n".join(["Total: 4.", "Item one.", "Total: 4.", "Total: 4.", "Item two."])
+        ),
         "duplicate_paragraphs": sample("First part.\n\nSecond part.\n\nFirst part.\n\nFirst part."),
         "char_repetition": sample("ha" * 60),
-        "word_repetition": sample(prose(rng, 2) + " the quick brown fox jumps over the lazy dog"
-                                  " again and again." * 3 + " Then it rests by the river bank."),
+        "word_repetition": sample(
+            prose(rng, 2) + " the quick brown fox jumps over the lazy dog"
+            " again and again." * 3 + " Then it rests by the river bank."
+        ),
         "internvl_repetition": sample(f"{twice} {twice}"),
         "tail_loop": sample(prose(rng, 3) + " The answer is B." * 8),
         "repeated_turns": sample([twice, "Another thing entirely.", twice]),
         "duplicate_sample": sample("Same content in two datasets.", dataset="ds_b", line=7),
-        "image_unreadable": sample("A photo.", images=[image(tmp / "img" / "trunc.jpg", 400, 300,
-                                                             truncate=True)]),
+        "image_unreadable": sample(
+            "A photo.", images=[image(tmp / "img" / "trunc.jpg", 400, 300, truncate=True)]
+        ),
         "image_too_small": sample("An icon.", images=[image(tmp / "img" / "tiny.png", 20, 20)]),
-        "image_aspect_ratio": sample("A banner.", images=[image(tmp / "img" / "wide.png",
-                                                                1100, 100)]),
-        "image_blank": sample("A photo.", images=[image(tmp / "img" / "blank.png", 200, 200,
-                                                        blank=True)]),
+        "image_aspect_ratio": sample(
+            "A banner.", images=[image(tmp / "img" / "wide.png", 1100, 100)]
+        ),
+        "image_blank": sample(
+            "A photo.", images=[image(tmp / "img" / "blank.png", 200, 200, blank=True)]
+        ),
     }
 
 
@@ -60,8 +67,10 @@ def _good_samples(tmp) -> list[dict]:
     r = random.Random(5)
     rows = [sample(prose(r, r.randint(1, 6)), dataset="ds_a") for _ in range(10)]
     rows += [sample("Yes."), sample("The answer is 4.")]
-    rows += [sample(prose(r, 3), images=[image(tmp / "img" / f"good{i}.png", 320, 240, seed=i)])
-             for i in range(3)]
+    rows += [
+        sample(prose(r, 3), images=[image(tmp / "img" / f"good{i}.png", 320, 240, seed=i)])
+        for i in range(3)
+    ]
     rows.append(sample("Same content in two datasets.", dataset="ds_a", line=3))  # the first copy
     return rows
 
@@ -174,14 +183,18 @@ def test_rerun_skips_finished_shards(filtered, tmp_path):
 
 
 def test_overrides_dataset_beats_domain_beats_rules():
-    cfg = FilterConfig(rules={"zero_run": {"threshold": 10}},
-                       overrides={"mathematics": {"zero_run": {"threshold": 100}},
-                                  "big_numbers": {"zero_run": {"threshold": 30,
-                                                               "severity": "reject"}}})
+    cfg = FilterConfig(
+        rules={"zero_run": {"threshold": 10}},
+        overrides={
+            "mathematics": {"zero_run": {"threshold": 100}},
+            "big_numbers": {"zero_run": {"threshold": 30, "severity": "reject"}},
+        },
+    )
     row = sample("It is 1" + "0" * 40 + ".", domain="mathematics", dataset="big_numbers")
     assert [r.rule for r in check_sample({**row, "dataset": "other"}, cfg)[1]] == []  # 40 < 100
-    assert [r.rule for r in check_sample({**row, "domain": "general", "dataset": "x"}, cfg)[1]
-            ] == ["zero_run"]  # threshold 10
+    assert [r.rule for r in check_sample({**row, "domain": "general", "dataset": "x"}, cfg)[1]] == [
+        "zero_run"
+    ]  # threshold 10
     (reason,) = check_sample(row, cfg)[1]
     assert (reason.rule, reason.severity, reason.threshold) == ("zero_run", "reject", 30)
 

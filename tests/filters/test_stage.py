@@ -61,7 +61,8 @@ def test_demo_counts(demo_filtered):
     assert run.read("filter").num_rows == summary.rows_kept
     assert summary.rows_rejected == 4  # truncated image, empty answer, <image> in answer, ctrl
     assert summary.by_dataset["general_vqa"][0] == sum(
-        1 for r in run.read("samples").column("dataset").to_pylist() if r == "general_vqa")
+        1 for r in run.read("samples").column("dataset").to_pylist() if r == "general_vqa"
+    )
     stats = run.stats("filter")
     assert stats["rows_flagged"] == summary.rows_flagged > 0
 
@@ -74,7 +75,8 @@ def test_cli_smoke(ingested_run, tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text(
         f"run: {run}\nmeta: {tmp_path}/meta.json\ndemo: {{dir: {tmp_path}}}\n"
-        "stages:\n  filter:\n    workers: 1\n    rules: {zero_run: {severity: reject}}\n")
+        "stages:\n  filter:\n    workers: 1\n    rules: {zero_run: {severity: reject}}\n"
+    )
     result = CliRunner().invoke(app, ["filter", "--run", str(run), "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "zero_run" in result.output and "samples per dataset and rule" in result.output

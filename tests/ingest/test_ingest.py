@@ -236,5 +236,7 @@ def test_parallel_workers_give_identical_outputs(demo_dir, tmp_path):
     assert outs[0].read("samples").equals(outs[1].read("samples"))
     assert outs[0].ledger().equals(outs[1].ledger())
     for name in ("rows_in", "rows_kept", "rows_rejected", "by_dataset", "by_rule"):
-        assert read_json(outs[0].stats_path("ingest"))[name] == read_json(
-            outs[1].stats_path("ingest"))[name]
+        assert (
+            read_json(outs[0].stats_path("ingest"))[name]
+            == read_json(outs[1].stats_path("ingest"))[name]
+        )
