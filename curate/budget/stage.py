@@ -56,7 +56,7 @@ def load_tokenizer(path: str):
 _TOKENIZERS: dict[str, object] = {}
 
 
-def _cached_tokenizer(path: str):
+def cached_tokenizer(path: str):
     # One load per process: worker processes reuse it across shards.
     if path not in _TOKENIZERS:
         _TOKENIZERS[path] = load_tokenizer(path)
@@ -116,7 +116,7 @@ def process_shard(
     run: RunFolder, datasets: dict, cfg: BudgetConfig, tokenizer_path: str, shard: str
 ) -> ShardResult:
     rows = run.read("samples", [shard]).to_pylist()
-    budget = budget_rows(rows, datasets, cfg, _cached_tokenizer(tokenizer_path))
+    budget = budget_rows(rows, datasets, cfg, cached_tokenizer(tokenizer_path))
     by_ds: dict[str, list[int]] = {}
     for r in rows:
         c = by_ds.setdefault(r["dataset"], [0, 0, 0])

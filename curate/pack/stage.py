@@ -234,10 +234,10 @@ def run_pack(
     run, cfg: PackConfig, tokenizer: str | Path, image_size: int = 448, on_shard=None
 ) -> PackReport:
     """Tokenise (resumable), select, cap, pack and write the manifest; returns the report."""
-    from curate.budget.stage import _cached_tokenizer
+    from curate.budget.stage import cached_tokenizer
 
     run_tokenize(run, cfg, tokenizer, image_size=image_size, on_shard=on_shard)
-    tok = _cached_tokenizer(str(tokenizer))
+    tok = cached_tokenizer(str(tokenizer))
     special = (tok.convert_tokens_to_ids(IMG_START), tok.convert_tokens_to_ids(IMG_END))
     eligible, status = _eligible_tokens(run, cfg)
     fits, entries, n_truncated = _apply_caps(eligible, cfg, special)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.budget.stage import _cached_tokenizer
+from curate.budget.stage import cached_tokenizer
 from curate.budget.tiling import tokens_per_tile
 from curate.chat import IGNORE_INDEX, segments, tokenize
 from curate.ingest.stage import load_datasets
@@ -95,7 +95,7 @@ def process_shard(
 ) -> ShardResult:
     samples = run.read("samples", [shard]).to_pylist()
     budgets = {b["sample_id"]: b for b in run.read("budget", [shard]).to_pylist()}
-    tok = _cached_tokenizer(tokenizer_path)
+    tok = cached_tokenizer(tokenizer_path)
     rows = [
         tokenize_sample(
             s,
