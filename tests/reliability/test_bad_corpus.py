@@ -79,3 +79,34 @@ def test_pack_takes_exactly_the_kept_samples(bad_run, tokenizer_dir, run_copy):
     keep = set(sample_status(run).filter(pl.col("status") == "keep")["sample_id"])
     packed = {s for p in run.read("packs").column("sample_ids").to_pylist() for s in p}
     assert packed == keep and report.samples_in == len(keep) == report.samples_packed
+
+
+@pytest.mark.slow
+def test_score_stage_scores_injections_instead_of_obeying(bad_run, demo_models, run_copy):
+    """The judge answers through a constrained 0..10 choice: text telling it to answer 10
+    gets a score like any other sample, and every scored row is a valid score."""
+    from curate.score.config import ScoreConfig
+    from curate.score.stage import score_run
+
+    run = RunFolder(run_copy(bad_run[0].path))
+    cfg = ScoreConfig(
+        dtype="float32",
+        max_model_len=2048,
+        kv_cache_memory_bytes=64 << 20,
+        batch_size=128,
+        repetition_scope="all",
+    )
+    summary, _ = score_run(run, cfg, demo_models["judge"])
+    assert summary.rows_in == summary.rows_kept + summary.rows_rejected
+    scores = pl.from_arrow(run.read("scores")).join(
+        pl.from_arrow(run.read("samples").select(["sample_id", "conversations"])), on="sample_id"
+    )
+    injected = scores.filter(
+        pl.col("conversations").list.first().struct.field("text").str.contains("Ignore the rubric")
+    )
+    assert injected.height >= PER_KIND
+    assert scores["quality_score"].is_between(0, 10).all()
+    assert injected["quality_score"].null_count() == 0
+    checked = scores.filter(pl.col("repetition_checked"))
+    assert checked["repetition_score"].is_between(0, 10).all()
+    assert "score_invalid" not in set(run.ledger("score").column("rule").to_pylist())
