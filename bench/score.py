@@ -72,29 +72,14 @@ def parse_json_reply(text: str) -> float | None:
 
 
 def build_wide_judge(out: Path, tokenizer_dir: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    """A larger random judge (hidden 512, 4 layers, 8 heads) for a heavier comparison."""
+    from curate.demo.models import build_judge_llm
 
     if (out / "config.json").exists():
         return out
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
+    return build_judge_llm(
+        out, tokenizer_dir, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8
     )
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def pick_samples(run, n: int) -> list[dict]:

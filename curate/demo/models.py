@@ -51,10 +51,20 @@ def build_tokenizer(
     return out
 
 
-def build_judge_llm(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int = 0) -> Path:
-    """A random-weight Qwen2ForCausalLM (558k parameters) saved with its tokenizer.
+def build_judge_llm(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+) -> Path:
+    """A random-weight Qwen2ForCausalLM (558k parameters by default) saved with its tokenizer.
 
-    head_dim is 32 because vLLM's CPU attention supports no smaller head size.
+    head_dim (hidden_size / num_heads) must be at least 32: vLLM's CPU attention supports no
+    smaller head size.
     """
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -63,10 +73,10 @@ def build_judge_llm(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
         num_key_value_heads=2,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
