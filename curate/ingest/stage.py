@@ -108,14 +108,30 @@ def _shard_lines(task: ShardTask) -> list[bytes]:
     if task.lines == 0:
         return []
     if task.byte_start is None:
-        lines, _ = _read_lines(task.spec)
-        return lines[task.first_line - 1 : task.first_line - 1 + task.lines]
+        return _parquet_rows(task.spec.annotation, task.first_line - 1, task.lines)
     out = []
     with open(task.spec.annotation, "rb") as f:
         f.seek(task.byte_start)
         for _ in range(task.lines):
             out.append(f.readline().rstrip(b"\n").removesuffix(b"\r"))
     return out
+
+
+def _parquet_rows(path: str, start: int, n: int) -> list[bytes]:
+    """Rows [start, start + n) of a Parquet file as canonical JSON lines, reading only the row
+    groups that hold them (a shard does not re-read the whole file)."""
+    f = pq.ParquetFile(path)
+    groups, first_row, row = [], None, 0
+    for g in range(f.metadata.num_row_groups):
+        size = f.metadata.row_group(g).num_rows
+        if row + size > start and row < start + n:
+            groups.append(g)
+            first_row = row if first_row is None else first_row
+        row += size
+    if not groups:
+        return []
+    table = f.read_row_groups(groups).slice(start - first_row, n)
+    return [orjson.dumps(r, option=orjson.OPT_SORT_KEYS) for r in table.to_pylist()]
 
 
 def process_shard(tasks: dict[str, ShardTask], options: IngestConfig, shard: str) -> ShardResult:

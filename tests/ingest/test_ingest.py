@@ -240,3 +240,17 @@ def test_parallel_workers_give_identical_outputs(demo_dir, tmp_path):
             read_json(outs[0].stats_path("ingest"))[name]
             == read_json(outs[1].stats_path("ingest"))[name]
         )
+
+
+def test_parquet_shards_read_only_their_row_groups(tmp_path):
+    lines = [_line(image="ok.png", id=i) for i in range(23)]
+    jsonl_meta = _dataset(tmp_path / "j", lines)
+    pq_meta = _dataset(tmp_path / "p", lines, fmt="parquet")
+    ann = tmp_path / "p" / "ann.parquet"
+    pq.write_table(pq.read_table(ann), ann, row_group_size=4)  # groups straddle the shards
+    a, b = RunFolder(tmp_path / "ra"), RunFolder(tmp_path / "rb")
+    ingest(jsonl_meta, a, IngestConfig(shard_lines=5))
+    ingest(pq_meta, b, IngestConfig(shard_lines=5))
+    ids = [orjson.loads(r["extra"])["id"] for r in b.read("samples").to_pylist()]
+    assert ids == list(range(23)) and len(b.shards()) == 5
+    assert [s["line"] for s in a.read("samples").to_pylist()] == list(range(1, 24))
