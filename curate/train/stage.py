@@ -7,7 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from curate.run import StageSummary
+from curate.console import console
+from curate.io import read_json, write_json_atomic
+from curate.run import StageSummary, settings_fingerprint
 from curate.train.config import TrainConfig
 
 
@@ -61,10 +63,28 @@ def run_train_stage(ctx) -> StageSummary:
         if ctx.config.models.tokenizer is None:
             raise ValueError("the train stage needs models.tokenizer (or train.tokenizer)")
         cfg = cfg.model_copy(update={"tokenizer": ctx.config.models.tokenizer})
+    # A rerun of the pipeline skips training that finished with the same settings and packs.
+    marker = ctx.run.marker_path("train", "all")
+    fingerprint = train_fingerprint(cfg, ctx.run.path)
+    if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
+        done = read_json(marker)
+        console.print(f"train: already done ({done['steps']} steps): {done['checkpoint']}")
+        return StageSummary(stage="train", rows_in=done["steps"], rows_kept=done["steps"])
     t0 = time.perf_counter()
     result = run_training(cfg, ctx.run.path)
     print_result(result)
-    packs = result.steps  # one summary row per optimizer step trained
-    return StageSummary(
-        stage="train", rows_in=packs, rows_kept=packs, seconds=time.perf_counter() - t0
+    steps = result.steps  # one summary row per optimizer step trained
+    write_json_atomic(
+        {"fingerprint": fingerprint, "steps": steps, "checkpoint": str(result.checkpoint)}, marker
     )
+    return StageSummary(
+        stage="train", rows_in=steps, rows_kept=steps, seconds=time.perf_counter() - t0
+    )
+
+
+def train_fingerprint(cfg: TrainConfig, run_dir: Path) -> str:
+    """The training settings and the identity of the packs they train on."""
+    packs = Path(cfg.packs or run_dir / "packs")
+    files = sorted((p.name, p.stat().st_size) for p in packs.glob("*.parquet"))
+    stats = run_dir / "stats" / "pack.json"
+    return settings_fingerprint(cfg, files, stats.read_bytes() if stats.exists() else b"")

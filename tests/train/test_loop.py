@@ -183,7 +183,18 @@ def test_pipeline_train_stage(tiny_run, train_tokenizer):
     summary = STAGE_RUNNERS["train"](PipelineContext(config, RunFolder(tiny_run)))
     assert summary.stage == "train"
     assert (tiny_run / "train" / "metrics.jsonl").exists()
-    assert (tiny_run / "train" / "checkpoints" / "step-0000001" / "model.safetensors").exists()
+    checkpoint = tiny_run / "train" / "checkpoints" / "step-0000001" / "model.safetensors"
+    assert checkpoint.exists()
+    # A pipeline rerun with the same settings and packs does not train again ...
+    before = checkpoint.stat().st_mtime_ns
+    again = STAGE_RUNNERS["train"](PipelineContext(config, RunFolder(tiny_run)))
+    assert again.rows_in == 1 and checkpoint.stat().st_mtime_ns == before
+    # ... but other settings do.
+    stages2 = StagesConfig.model_validate(
+        {"train": {"flavor": "debug", "stage": 1, "steps": 2, "workers": 0}}
+    )
+    config2 = config.model_copy(update={"stages": stages2})
+    assert STAGE_RUNNERS["train"](PipelineContext(config2, RunFolder(tiny_run))).rows_in == 2
 
 
 def _run_torchrun(args: list[str], nproc: int) -> None:
