@@ -20,6 +20,7 @@ def pack_report_table(report):
         ("samples kept (status keep)", f"{report.samples_in:,}"),
         ("samples rejected over a cap", f"{report.samples_rejected:,}"),
         ("samples truncated", f"{report.samples_truncated:,}"),
+        ("samples not drawn (repeat r < 1)", f"{report.samples_not_drawn:,}"),
         (
             "samples not packed (status)",
             ", ".join(f"{k}: {v}" for k, v in report.samples_excluded.items()) or "0",

@@ -33,8 +33,9 @@ STAGE = "pack"
 
 @dataclass
 class PackReport:
-    samples_in: int  # samples whose status is keep
-    samples_packed: int
+    samples_in: int  # samples whose status is keep = packed + not drawn + rejected
+    samples_packed: int  # in at least one pack
+    samples_not_drawn: int  # kept, but 0 copies under the repeat factor (r < 1)
     samples_rejected: int  # over a cap
     samples_truncated: int
     samples_excluded: dict[str, int]  # status reject / flag (awaiting review): not packed
@@ -129,13 +130,14 @@ def _apply_caps(tokens: pa.Table, cfg: PackConfig, tokenizer_ids: tuple[int, int
     return fits, entries, len(truncated)
 
 
-def _expand_copies(run, fits: pa.Table) -> np.ndarray:
-    """Row index of every copy (a sample with 3 copies appears 3 times)."""
+def _expand_copies(run, fits: pa.Table) -> tuple[np.ndarray, int]:
+    """Row index of every copy (a sample with 3 copies appears 3 times), and how many
+    samples have no copy at all."""
     copies = pl.read_parquet(run.path / "repeat" / "copies.parquet").select("sample_id", "copies")
     ids = pl.from_arrow(fits.select(["sample_id"])).with_row_index("row")
     joined = ids.join(copies, on="sample_id", how="left").sort("row")
     n = joined["copies"].fill_null(1).to_numpy().astype(np.int64)
-    return np.repeat(joined["row"].to_numpy(), n)
+    return np.repeat(joined["row"].to_numpy(), n), int((n == 0).sum())
 
 
 def assign_packs(tok: np.ndarray, til: np.ndarray, cfg: PackConfig) -> list[list[int]]:
@@ -241,20 +243,31 @@ def run_pack(
     special = (tok.convert_tokens_to_ids(IMG_START), tok.convert_tokens_to_ids(IMG_END))
     eligible, status = _eligible_tokens(run, cfg)
     fits, entries, n_truncated = _apply_caps(eligible, cfg, special)
-    rows = _expand_copies(run, fits)
+    rows, not_drawn = _expand_copies(run, fits)
     copies = fits.take(pa.array(rows))
     n_tok = copies.column("n_tokens").to_numpy().astype(np.int64)
     n_til = copies.column("tiles").to_numpy().astype(np.int64)
     packs = assign_packs(n_tok, n_til, cfg)
     manifest = build_manifest(copies, packs)
     _write_packs(run, manifest, cfg.packs_per_shard)
-    write_parquet_atomic(ledger_table(entries), run.ledger_path(STAGE, "all"))
-    report = _report(cfg, status, eligible, entries, n_truncated, n_tok, n_til, packs)
+    write_parquet_atomic(_with_lines(run, ledger_table(entries)), run.ledger_path(STAGE, "all"))
+    report = _report(cfg, status, eligible, entries, n_truncated, not_drawn, n_tok, n_til, packs)
     write_json_atomic(asdict(report), run.stats_path(STAGE))
     return report
 
 
-def _report(cfg, status, eligible, entries, n_truncated, n_tok, n_til, packs) -> PackReport:
+def _with_lines(run, ledger: pa.Table) -> pa.Table:
+    """Fill the annotation line of each ledger row (the token rows do not carry it)."""
+    if ledger.num_rows == 0:
+        return ledger
+    lines = pl.from_arrow(run.read("samples").select(["sample_id", "line"]))
+    df = pl.from_arrow(ledger).drop("line").join(lines, on="sample_id", how="left")
+    return df.select(ledger.schema.names).to_arrow().cast(ledger.schema)
+
+
+def _report(
+    cfg, status, eligible, entries, n_truncated, not_drawn, n_tok, n_til, packs
+) -> PackReport:
     n_packs = len(packs)
     lb = int(lower_bound(n_tok, n_til, max_tokens=cfg.max_tokens, max_tiles=cfg.max_tiles))
     batch = max(1, round(len(n_tok) / max(n_packs, 1)))
@@ -262,7 +275,8 @@ def _report(cfg, status, eligible, entries, n_truncated, n_tok, n_til, packs) ->
     excluded = dict(status.filter(pl.col("status") != "keep").group_by("status").len().iter_rows())
     return PackReport(
         samples_in=len(eligible),
-        samples_packed=len(eligible) - len(entries),
+        samples_packed=len(eligible) - len(entries) - not_drawn,
+        samples_not_drawn=not_drawn,
         samples_rejected=len(entries),
         samples_truncated=n_truncated,
         samples_excluded=excluded,

@@ -47,6 +47,9 @@ def test_every_copy_exactly_once_and_caps(packed):
     assert all(p["n_tokens"] <= 8192 and p["n_tiles"] <= 40 for p in packs)
     assert report.packs == len(packs) and len(run.shards("packs")) == -(-len(packs) // 7)
     assert report.ratio_to_lower_bound <= 1.1
+    zero = sum(1 for v in copies.values() if v == 0)  # math_text has repeat_time 0.5
+    assert report.samples_not_drawn == zero > 0
+    assert report.samples_packed == len({s for p in packs for s in p["sample_ids"]})
 
 
 def test_lengths_images_and_labels_agree(packed, tokenizer_dir):
@@ -89,7 +92,11 @@ def test_over_cap_samples_go_to_ledger(budgeted_run, tokenizer_dir, run_copy):
         assert e["value"] > e["threshold"] and "caps 3000 tokens, 12 tiles" in e["detail"]
     packed_ids = {s for p in _manifest(run) for s in p["sample_ids"]}
     assert not packed_ids & {e["sample_id"] for e in ledger}
-    assert report.samples_in == report.samples_packed + report.samples_rejected
+    assert report.samples_in == (
+        report.samples_packed + report.samples_not_drawn + report.samples_rejected
+    )
+    lines = {s["sample_id"]: s["line"] for s in run.read("samples").to_pylist()}
+    assert all(e["line"] == lines[e["sample_id"]] for e in ledger)
 
 
 def test_truncate_never_cuts_inside_an_image():
