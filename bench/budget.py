@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from curate.budget.images import read_image_size
-from curate.budget.tiling import count_tiles, dynamic_preprocess
+from curate.core.images import read_image_size
+from curate.stages.budget.tiling import count_tiles, dynamic_preprocess
 from curate.demo import images as synth
 
 SIZES = [

@@ -153,7 +153,7 @@ def run_peer(python: str, which: str, texts_path: str, repeat: int) -> dict:
 def curate_table(convs: list[dict]):
     import pyarrow as pa
 
-    from curate.records import SAMPLE_SCHEMA
+    from curate.core.records import SAMPLE_SCHEMA
 
     rows = []
     for c in convs:
@@ -186,10 +186,10 @@ def best_of(repeat: int, fn):
 
 
 def curate_side(convs: list[dict], texts: list[str], repeat: int) -> dict:
-    from curate.filters import repetition as rep
-    from curate.filters.config import FilterConfig
-    from curate.filters.registry import REPETITION_RULES
-    from curate.filters.rules import Batch, judge, measure
+    from curate.stages.filters import repetition as rep
+    from curate.stages.filters.config import FilterConfig
+    from curate.stages.filters.registry import REPETITION_RULES
+    from curate.stages.filters.rules import Batch, judge, measure
 
     table = curate_table(convs)
     cfg = FilterConfig(decode_images=False)

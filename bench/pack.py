@@ -2,7 +2,7 @@
 
     python bench/pack.py [--samples 1000000] [--seed 0]
 
-Generates an InternVL-like mixture of sample lengths (`curate.pack.internvl_packer.
+Generates an InternVL-like mixture of sample lengths (`curate.stages.pack.internvl_packer.
 synthetic_mixture`: text-only 100-2000 tokens with 0 tiles; single images of 1-13 tiles at 256
 tokens per tile plus text; multi-image; videos of 8-32 one-tile frames), drops the samples over
 a cap (as the pack stage does), and packs it with `pack_lengths` and `internvl_greedy_pack` at
@@ -25,8 +25,8 @@ from itertools import chain
 
 import numpy as np
 
-from curate.pack.binpack import lower_bound, pack_lengths, pack_stats, tile_lp_bound
-from curate.pack.internvl_packer import (
+from curate.stages.pack.binpack import lower_bound, pack_lengths, pack_stats, tile_lp_bound
+from curate.stages.pack.internvl_packer import (
     IMAGE_HEAVY,
     REALISTIC,
     MixtureProfile,

@@ -97,7 +97,7 @@ def pick_samples(run, n: int) -> list[dict]:
 
 
 def sample_text(sample: dict) -> str:
-    from curate.score.prompts import render_conversation
+    from curate.stages.score.prompts import render_conversation
 
     return render_conversation(sample["conversations"], sample["images"], kind=sample["kind"])
 
@@ -154,11 +154,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from curate.demo.data import make_demo, make_demo_models
-    from curate.ingest.config import IngestConfig
-    from curate.ingest.stage import ingest
-    from curate.run import RunFolder
-    from curate.score.config import ScoreConfig
-    from curate.score.stage import Scorer
+    from curate.stages.ingest.config import IngestConfig
+    from curate.stages.ingest.stage import ingest
+    from curate.core.folder import RunFolder
+    from curate.stages.score.config import ScoreConfig
+    from curate.stages.score.stage import Scorer
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_score_"))
     if not (work / "meta.json").exists():

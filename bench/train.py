@@ -4,9 +4,9 @@
     python bench/train.py --profile text --max-tokens 8192 --max-tiles 40 --packs 4 --mask-variant
     python bench/train.py --flavor 1b --bf16 --max-tokens 16384 --max-tiles 48 --packs 8  # GPU
 
-Samples have InternVL 2.5 SFT-like lengths (``curate.pack.internvl_packer.synthetic_mixture``:
+Samples have InternVL 2.5 SFT-like lengths (``curate.stages.pack.internvl_packer.synthetic_mixture``:
 text, single image 1-12 tiles + thumbnail, multi-image, video frames), those over the caps are
-dropped, and ``curate.pack.binpack.pack_lengths`` packs them into PACK_SCHEMA manifests. The
+dropped, and ``curate.stages.pack.binpack.pack_lengths`` packs them into PACK_SCHEMA manifests. The
 timed packs go through the trainer's own path (``PackBatches`` → ``PackedCausalLM`` with the
 trainer's attention: flash-attn varlen on GPU, per-sample SDPA on CPU; also the block-mask SDPA
 variant with ``--mask-variant``). The padded side takes exactly the samples of those packs, in
@@ -31,9 +31,9 @@ from torch.nn import functional as F
 
 
 def build_samples(args, tokenizer, workdir: Path):
-    from curate.pack import internvl_packer as ip
-    from curate.pack.binpack import pack_lengths
-    from curate.train.synthetic import TokenIds, samples_from_lengths, write_image
+    from curate.stages.pack import internvl_packer as ip
+    from curate.stages.pack.binpack import pack_lengths
+    from curate.stages.train.synthetic import TokenIds, samples_from_lengths, write_image
 
     profile = {
         "realistic": ip.REALISTIC,
@@ -59,8 +59,8 @@ def build_samples(args, tokenizer, workdir: Path):
 
 def padded_batches(samples, batch_size: int, image_batches: list[torch.Tensor], pad_id: int):
     """Padded (input_ids, attention_mask, targets, weights, pixel_values) per batch."""
-    from curate.chat import IGNORE_INDEX
-    from curate.train.data import loss_weight
+    from curate.core.chat import IGNORE_INDEX
+    from curate.stages.train.data import loss_weight
 
     out = []
     for b, start in enumerate(range(0, len(samples), batch_size)):
@@ -141,10 +141,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from curate.demo.models import build_tokenizer
-    from curate.train import model as m
-    from curate.train.data import PackBatches, StepLayout
-    from curate.train.loss import PackedCausalLM
-    from curate.train.synthetic import write_packs
+    from curate.stages.train import model as m
+    from curate.stages.train.data import PackBatches, StepLayout
+    from curate.stages.train.loss import PackedCausalLM
+    from curate.stages.train.synthetic import write_packs
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--flavor", default="debug", choices=sorted(m.FLAVORS))
@@ -156,7 +156,7 @@ def main() -> None:
         "--profile",
         default="realistic",
         choices=["realistic", "image_heavy", "text"],
-        help="sample length mixture (curate.pack.internvl_packer profiles)",
+        help="sample length mixture (curate.stages.pack.internvl_packer profiles)",
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first")
     p.add_argument("--repeat", type=int, default=2, help="timed passes; the best is kept")
@@ -179,7 +179,7 @@ def main() -> None:
     samples, packs, kept, drawn = build_samples(args, tokenizer, work)
     packs = packs[: args.packs]
     write_packs([[samples[i] for i in pack] for pack in packs], work / "packs")
-    from curate.train.data import read_packs
+    from curate.stages.train.data import read_packs
 
     table = read_packs(work / "packs")
     torch.manual_seed(args.seed)

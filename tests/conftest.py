@@ -40,9 +40,9 @@ def tokenizer_dir(demo_models) -> Path:
 @pytest.fixture(scope="session")
 def ingested_run(demo_dir, tmp_path_factory) -> Path:
     """A run folder with the demo mixture ingested (read-only: copy it before writing)."""
-    from curate.ingest.config import IngestConfig
-    from curate.ingest.stage import ingest
-    from curate.run import RunFolder
+    from curate.stages.ingest.config import IngestConfig
+    from curate.stages.ingest.stage import ingest
+    from curate.core.folder import RunFolder
 
     run = tmp_path_factory.mktemp("runs") / "ingested"
     ingest(str(demo_dir / "meta.json"), RunFolder(run), IngestConfig(shard_lines=40))
@@ -52,9 +52,9 @@ def ingested_run(demo_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def budgeted_run(ingested_run, tokenizer_dir, tmp_path_factory) -> Path:
     """The ingested demo run, budgeted too (read-only: copy it before writing)."""
-    from curate.budget.config import BudgetConfig
-    from curate.budget.stage import run_budget
-    from curate.run import RunFolder
+    from curate.stages.budget.config import BudgetConfig
+    from curate.stages.budget.stage import run_budget
+    from curate.core.folder import RunFolder
 
     run = tmp_path_factory.mktemp("runs") / "budgeted"
     shutil.copytree(ingested_run, run)

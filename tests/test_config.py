@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.config import PipelineError, load_pipeline
+from curate.pipeline.config import PipelineError, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 import xxhash
 
-from curate.config import ExecutorConfig, PipelineConfig, load_pipeline
-from curate.executors import ExecutorError, RayExecutor, check_reachable, cluster_endpoint
-from curate.score.ray_engine import split_contiguous
+from curate.pipeline.config import ExecutorConfig, PipelineConfig, load_pipeline
+from curate.core.executors import ExecutorError, RayExecutor, check_reachable, cluster_endpoint
+from curate.stages.score.ray_engine import split_contiguous
 
 ROOT = Path(__file__).resolve().parents[1]
 # The local engine computes with one thread per core; the engine actor gets as many CPUs (Ray
@@ -140,8 +140,8 @@ def test_executor_block_defaults_to_local_and_takes_the_short_form(tmp_path):
 
 def test_local_runs_never_import_ray():
     code = (
-        "import sys, curate.cli, curate.pipeline, curate.executors; "
-        "curate.executors.make_executor(None); assert 'ray' not in sys.modules"
+        "import sys, curate.cli.main, curate.pipeline.run, curate.core.executors; "
+        "curate.core.executors.make_executor(None); assert 'ray' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -173,7 +173,7 @@ def test_unreachable_cluster_is_a_clear_error(demo_dir, tmp_path):
     )
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "curate.cli", "run", str(pipeline)],
+        [sys.executable, "-m", "curate.cli.main", "run", str(pipeline)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -263,7 +263,7 @@ def assert_tables_close(want: Path, got: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_pipeline_equals_local(ray_cluster, demo_dir, demo_models, tmp_path):
-    from curate.pipeline import run_pipeline
+    from curate.pipeline.run import run_pipeline
 
     meta = _subset_meta(demo_dir, tmp_path / "meta.json")
     on_ray = {"kind": "ray", "num_gpus_per_engine": 0, "cpus_per_engine": THREADS}
@@ -317,10 +317,10 @@ def kill_once(marker_dir: str, victim: str, process, shard: str):
 def test_worker_killed_mid_shard_is_retried_without_losing_rows(
     ray_cluster, demo_dir, ingested_run, tmp_path
 ):
-    from curate.ingest.config import IngestConfig
-    from curate.ingest.meta import load_meta
-    from curate.ingest.stage import plan, process_shard, save_run_info
-    from curate.run import RunFolder, run_shards
+    from curate.stages.ingest.config import IngestConfig
+    from curate.stages.ingest.meta import load_meta
+    from curate.stages.ingest.stage import plan, process_shard, save_run_info
+    from curate.core.folder import RunFolder, run_shards
 
     meta = str(demo_dir / "meta.json")
     specs = load_meta(meta)

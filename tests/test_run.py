@@ -7,9 +7,9 @@ import multiprocessing as mp
 import pyarrow as pa
 import pytest
 
-from curate.io import write_parquet_atomic
-from curate.records import LedgerEntry, ledger_table
-from curate.run import CountInvariantError, RunFolder, RunLockedError, ShardResult, run_shards
+from curate.core.io import write_parquet_atomic
+from curate.core.records import LedgerEntry, ledger_table
+from curate.core.folder import CountInvariantError, RunFolder, RunLockedError, ShardResult, run_shards
 
 
 def _result(n_in: int, n_kept: int) -> ShardResult:

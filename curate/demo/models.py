@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from curate.chat import CHAT_TEMPLATE, IM_END, SPECIAL_TOKENS
+from curate.core.chat import CHAT_TEMPLATE, IM_END, SPECIAL_TOKENS
 
 TOKENIZER_VOCAB_SIZE = 2048
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curate.budget.repeat import internvl_copies, solve_repeat_factors, stable_copies
+from curate.stages.budget.repeat import internvl_copies, solve_repeat_factors, stable_copies
 
 
 def test_internvl_first_n_lines():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from curate.budget.config import BudgetConfig
-from curate.budget.costs import frame_indices
-from curate.budget.stage import budget_rows, load_tokenizer, run_budget
-from curate.chat import segments, tokenize
-from curate.run import RunFolder
+from curate.stages.budget.config import BudgetConfig
+from curate.stages.budget.costs import frame_indices
+from curate.stages.budget.stage import budget_rows, load_tokenizer, run_budget
+from curate.core.chat import segments, tokenize
+from curate.core.folder import RunFolder
 
 
 def test_total_tokens_equal_full_tokenisation(budgeted_run, tokenizer_dir):
@@ -60,7 +60,7 @@ def test_copies_and_table(budgeted_run):
 
 
 def _table(run):
-    from curate.io import read_json
+    from curate.core.io import read_json
 
     return read_json(run.path / "stats" / "budget_table.json")
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from PIL import Image
 
-from curate.budget.tiling import (
+from curate.stages.budget.tiling import (
     count_tiles,
     crop_tiles,
     dynamic_preprocess,

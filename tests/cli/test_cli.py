@@ -9,14 +9,14 @@ import sys
 
 from typer.testing import CliRunner
 
-from curate.cli import app
+from curate.cli.main import app
 
 runner = CliRunner()
 
 
 def test_help_is_fast_and_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import curate.cli"],
+        [sys.executable, "-X", "importtime", "-c", "import curate.cli.main"],
         capture_output=True,
         text=True,
         check=True,

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from curate.io import write_json_atomic, write_parquet_atomic
-from curate.records import SAMPLE_SCHEMA
-from curate.run import RunFolder
+from curate.core.io import write_json_atomic, write_parquet_atomic
+from curate.core.records import SAMPLE_SCHEMA
+from curate.core.folder import RunFolder
 
 _VOCABULARY = """the river bridge market garden station library harbor window bicycle lantern
 kitchen forest museum street tower quiet crowded bright narrow ancient modern small busy stands

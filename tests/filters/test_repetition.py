@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curate.demo import text as demo_text
-from curate.filters.config import FilterConfig
-from curate.filters.registry import REPETITION_RULES
-from curate.filters.repetition import (
+from curate.stages.filters.config import FilterConfig
+from curate.stages.filters.registry import REPETITION_RULES
+from curate.stages.filters.repetition import (
     char_repetition_ratio,
     char_repetition_ratios,
     check_conversations_repetition,
@@ -25,7 +25,7 @@ from curate.filters.repetition import (
     word_repetition_ratio,
     word_repetition_ratios,
 )
-from curate.filters.rules import check_sample
+from curate.stages.filters.rules import check_sample
 from tests.filters.helpers import prose, sample
 
 # --- the peers' formulas, by hand ------------------------------------------------------------

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from curate.filters.config import FilterConfig
-from curate.filters.registry import RULES, RULES_BY_NAME
-from curate.filters.rules import check_sample
-from curate.filters.stage import FILTER_SCHEMA, run_filter
+from curate.stages.filters.config import FilterConfig
+from curate.stages.filters.registry import RULES, RULES_BY_NAME
+from curate.stages.filters.rules import check_sample
+from curate.stages.filters.stage import FILTER_SCHEMA, run_filter
 from tests.filters.helpers import image, make_run, prose, sample
 
 rng = random.Random(0)
@@ -173,7 +173,7 @@ def test_rerun_skips_finished_shards(filtered, tmp_path):
     run, summary, _ = filtered
     copy = tmp_path / "copy"
     shutil.copytree(run.path, copy)
-    from curate.run import RunFolder
+    from curate.core.folder import RunFolder
 
     again = run_filter(RunFolder(copy), CONFIG)
     assert again.shards_skipped == again.shards and again.rows_in == summary.rows_in

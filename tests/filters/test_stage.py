@@ -7,10 +7,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from curate.cli import app
-from curate.filters.config import FilterConfig
-from curate.filters.stage import run_filter
-from curate.run import RunFolder
+from curate.cli.main import app
+from curate.stages.filters.config import FilterConfig
+from curate.stages.filters.stage import run_filter
+from curate.core.folder import RunFolder
 
 # Planted by curate/demo/data.py `_plant_bad_samples` (those ingest passes on): id -> rules.
 PLANTED = {

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from curate.demo.images import write_png_bomb
-from curate.ingest.config import IngestConfig
-from curate.ingest.meta import MetaError, load_meta
-from curate.ingest.stage import ingest
-from curate.run import RunFolder
+from curate.stages.ingest.config import IngestConfig
+from curate.stages.ingest.meta import MetaError, load_meta
+from curate.stages.ingest.stage import ingest
+from curate.core.folder import RunFolder
 
 OK_TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
 
@@ -226,7 +226,7 @@ def test_meta_errors(tmp_path):
 
 
 def test_parallel_workers_give_identical_outputs(demo_dir, tmp_path):
-    from curate.io import read_json
+    from curate.core.io import read_json
 
     outs = []
     for workers in (1, 2):

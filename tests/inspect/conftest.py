@@ -20,9 +20,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from curate.io import write_parquet_atomic
-from curate.records import LedgerEntry, ledger_table
-from curate.run import RunFolder
+from curate.core.io import write_parquet_atomic
+from curate.core.records import LedgerEntry, ledger_table
+from curate.core.folder import RunFolder
 
 HOSTILE = "<script>alert(1)</script>\"><img src=x onerror=alert(2)> run of 'a'"
 HOSTILE_CONVERSATION = '<script>alert(1)</script>"><img src=x onerror="alert(2)">'
@@ -125,8 +125,8 @@ def make_hostile_conversation(run: RunFolder, sample_id: str) -> None:
 @pytest.fixture(scope="session")
 def planted_run(budgeted_run, tokenizer_dir, tmp_path_factory) -> tuple[Path, dict]:
     """The budgeted demo run with planted ledgers, scores and packs (read-only: copy it)."""
-    from curate.pack.config import PackConfig
-    from curate.pack.stage import run_pack
+    from curate.stages.pack.config import PackConfig
+    from curate.stages.pack.stage import run_pack
 
     path = tmp_path_factory.mktemp("inspect") / "planted"
     shutil.copytree(budgeted_run, path)

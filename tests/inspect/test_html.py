@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 from PIL import Image
 
-from curate.inspect.html import cards_html, fmt_number, sample_card_html, thumbnail_data_uri
+from curate.stages.report.html import cards_html, fmt_number, sample_card_html, thumbnail_data_uri
 
 
 def _jpeg(path, size=(640, 480), color=(200, 40, 40)):

@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from curate.review import current_decisions
-from curate.run import RunFolder
+from curate.core.status import current_decisions
+from curate.core.folder import RunFolder
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "inspect_rejected.ipynb"
 

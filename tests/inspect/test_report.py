@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from curate.cli import app
-from curate.config import load_pipeline
-from curate.inspect.config import ReportConfig
-from curate.inspect.report import write_report
-from curate.run import RunFolder
+from curate.cli.main import app
+from curate.pipeline.config import load_pipeline
+from curate.stages.report.config import ReportConfig
+from curate.stages.report.write import write_report
+from curate.core.folder import RunFolder
 from tests.inspect.conftest import make_hostile_conversation
 from tests.inspect.test_html import parse
 
@@ -98,8 +98,8 @@ def test_report_on_an_ingest_only_run(ingested_run, tmp_path):
 
 
 def test_pipeline_ends_with_the_report(planted_run, run_copy, capsys):
-    from curate.config import PipelineConfig, StagesConfig
-    from curate.pipeline import STAGE_RUNNERS, PipelineContext
+    from curate.pipeline.config import PipelineConfig, StagesConfig
+    from curate.pipeline.run import STAGE_RUNNERS, PipelineContext
 
     assert list(STAGE_RUNNERS)[-1] == "report"
     demo = load_pipeline(REPO / "pipelines" / "demo.yaml", check_paths=False)

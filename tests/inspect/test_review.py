@@ -8,11 +8,11 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from curate.cli import app
-from curate.pack.config import PackConfig
-from curate.pack.stage import run_pack
-from curate.review import current_decisions, load_decisions, pending_review, status_totals
-from curate.run import RunFolder
+from curate.cli.main import app
+from curate.stages.pack.config import PackConfig
+from curate.stages.pack.stage import run_pack
+from curate.core.status import current_decisions, load_decisions, pending_review, status_totals
+from curate.core.folder import RunFolder
 
 runner = CliRunner()
 
@@ -85,7 +85,7 @@ def test_bad_review_requests_are_refused(planted_copy, ingested_run):
         result, out = _review(path, *args)
         assert result.exit_code == 2 and message in out, (args, out)
     # an ingest reject never became a sample: say so
-    from curate.inspect.tables import load_run_tables, rejected_samples
+    from curate.stages.report.tables import load_run_tables, rejected_samples
 
     ingest_only = rejected_samples(load_run_tables(path)).filter(
         ~rejected_samples(load_run_tables(path))["ingested"]

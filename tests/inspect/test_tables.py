@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from curate.inspect.tables import (
+from curate.stages.report.tables import (
     counts_by_stage_rule_dataset,
     find_run,
     load_run_tables,
@@ -13,7 +13,7 @@ from curate.inspect.tables import (
     score_view,
     status_counts,
 )
-from curate.run import RunFolder
+from curate.core.folder import RunFolder
 
 
 def test_load_run_tables_reads_every_stage(planted_run):

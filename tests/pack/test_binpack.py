@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curate.pack.binpack import (
+from curate.stages.pack.binpack import (
     PackStats,
     lower_bound,
     pack_lengths,
     pack_stats,
     tile_lp_bound,
 )
-from curate.pack.internvl_packer import (
+from curate.stages.pack.internvl_packer import (
     IMAGE_HEAVY,
     REALISTIC,
     internvl_greedy_pack,

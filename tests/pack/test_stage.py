@@ -8,14 +8,14 @@ import orjson
 import polars as pl
 import pytest
 
-from curate.budget.stage import load_tokenizer
-from curate.chat import IGNORE_INDEX, IMG_CONTEXT, IMG_END, IMG_START
-from curate.pack.config import PackConfig
-from curate.pack.export import export_hf, export_internvl
-from curate.pack.manifest import tiles_of
-from curate.pack.stage import run_pack, truncate_row
-from curate.review import add_decisions
-from curate.run import RunFolder
+from curate.stages.budget.stage import load_tokenizer
+from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, IMG_END, IMG_START
+from curate.stages.pack.config import PackConfig
+from curate.stages.pack.export import export_hf, export_internvl
+from curate.stages.pack.manifest import tiles_of
+from curate.stages.pack.stage import run_pack, truncate_row
+from curate.core.status import add_decisions
+from curate.core.folder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run
     samples = run.read("samples").to_pylist()
     victim, restored = samples[0], samples[1]
     # A later stage rejected `restored` and flagged `flagged`; review restores one, drops another.
-    from curate.io import write_parquet_atomic
-    from curate.records import LedgerEntry, ledger_table
+    from curate.core.io import write_parquet_atomic
+    from curate.core.records import LedgerEntry, ledger_table
 
     flagged = samples[2]
     write_parquet_atomic(
@@ -178,8 +178,8 @@ def test_internvl_algorithm_by_name(budgeted_run, tokenizer_dir, run_copy, packe
 
 
 def test_export_internvl_round_trip(packed, tmp_path):
-    from curate.ingest.config import IngestConfig
-    from curate.ingest.stage import ingest
+    from curate.stages.ingest.config import IngestConfig
+    from curate.stages.ingest.stage import ingest
 
     run, _ = packed
     meta = export_internvl(run, tmp_path / "export")

@@ -6,16 +6,16 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from curate.budget.config import BudgetConfig
-from curate.budget.stage import run_budget
-from curate.filters.config import FilterConfig
-from curate.filters.stage import run_filter
-from curate.ingest.config import IngestConfig
-from curate.ingest.stage import ingest
-from curate.pack.config import PackConfig
-from curate.pack.stage import run_pack
-from curate.review import sample_status
-from curate.run import RunFolder
+from curate.stages.budget.config import BudgetConfig
+from curate.stages.budget.stage import run_budget
+from curate.stages.filters.config import FilterConfig
+from curate.stages.filters.stage import run_filter
+from curate.stages.ingest.config import IngestConfig
+from curate.stages.ingest.stage import ingest
+from curate.stages.pack.config import PackConfig
+from curate.stages.pack.stage import run_pack
+from curate.core.status import sample_status
+from curate.core.folder import RunFolder
 from tests.reliability.badcorpus import make_bad_corpus
 
 PER_KIND = 40  # 26 bad kinds x 40 = 1,040 bad lines, plus 80 good ones
@@ -85,8 +85,8 @@ def test_pack_takes_exactly_the_kept_samples(bad_run, tokenizer_dir, run_copy):
 def test_score_stage_scores_injections_instead_of_obeying(bad_run, demo_models, run_copy):
     """The judge answers through a constrained 0..10 choice: text telling it to answer 10
     gets a score like any other sample, and every scored row is a valid score."""
-    from curate.score.config import ScoreConfig
-    from curate.score.stage import score_run
+    from curate.stages.score.config import ScoreConfig
+    from curate.stages.score.stage import score_run
 
     run = RunFolder(run_copy(bad_run[0].path))
     cfg = ScoreConfig(

@@ -29,7 +29,7 @@ def _pipeline(tmp_path: Path, demo_dir: Path, tokenizer: Path, run: Path) -> Pat
 
 def _curate(pipeline: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "curate.cli", "run", str(pipeline)],
+        [sys.executable, "-m", "curate.cli.main", "run", str(pipeline)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -8,9 +8,9 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from curate.filters.rules import check_sample
-from curate.ingest.meta import DatasetSpec
-from curate.ingest.normalize import parse_line
+from curate.stages.filters.rules import check_sample
+from curate.stages.ingest.meta import DatasetSpec
+from curate.stages.ingest.normalize import parse_line
 
 SPEC = DatasetSpec(name="p", root="/nonexistent-root", annotation="/dev/null")
 ROLES = st.sampled_from(["human", "gpt", "system", "robot", 3, None])

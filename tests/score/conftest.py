@@ -24,7 +24,7 @@ SMALL_SHARDS = ("chart_qa-00000", "code_text-00000", "science_text-00000")
 
 
 def score_config(**overrides):
-    from curate.score.config import ScoreConfig
+    from curate.stages.score.config import ScoreConfig
 
     settings = dict(
         dtype="float32", max_model_len=2048, kv_cache_memory_bytes=64 << 20, batch_size=64
@@ -57,7 +57,7 @@ def scorer(judge):
     """One offline vLLM engine for the engine tests (in process, float32, small KV cache).
     Module scope: closing it gives torch its thread settings back before other tests fork
     DataLoader workers (see VllmEngine.close)."""
-    from curate.score.stage import Scorer
+    from curate.stages.score.stage import Scorer
 
     s = Scorer(score_config(), judge)
     s._engine()

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.run import RunFolder
-from curate.score.stage import STAGE, cache_path, score_run
+from curate.core.folder import RunFolder
+from curate.stages.score.stage import STAGE, cache_path, score_run
 from tests.score.conftest import score_config
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_requests_are_ordered_by_prompt_and_share_its_prefix(small_run, scorer):
 
 
 def _req(job):
-    from curate.score.engines import EngineRequest
+    from curate.stages.score.engines import EngineRequest
 
     return EngineRequest(job.text, job.ids)
 
@@ -244,7 +244,7 @@ def test_server_agrees_with_the_offline_engine(small_run, scored, judge, judge_s
 def test_cli_scores_through_the_server(small_run, judge, judge_server, tmp_path):
     from typer.testing import CliRunner
 
-    from curate.cli import app
+    from curate.cli.main import app
 
     run = _one_shard(small_run, tmp_path, keep="code_text-00000")
     result = CliRunner().invoke(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from curate.score.labels import LABELS, LabelSet, RawOutput
+from curate.stages.score.labels import LABELS, LabelSet, RawOutput
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.score.prompts import (
+from curate.stages.score.prompts import (
     PromptError,
     PromptLibrary,
     apply_chat_template,

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.io import write_parquet_atomic
-from curate.records import LedgerEntry, ledger_table
-from curate.run import RunFolder
-from curate.score.engines import EngineError, OpenAIEngine
-from curate.score.labels import LabelSet, Reading
-from curate.score.stage import (
+from curate.core.io import write_parquet_atomic
+from curate.core.records import LedgerEntry, ledger_table
+from curate.core.folder import RunFolder
+from curate.stages.score.engines import EngineError, OpenAIEngine
+from curate.stages.score.labels import LabelSet, Reading
+from curate.stages.score.stage import (
     Job,
     Result,
     Scorer,
@@ -172,7 +172,7 @@ def test_vlm_requests_carry_the_images_in_placeholder_order(ingested_run, judge,
     """The VLM path without a VLM: placeholders stay images and the engine input holds them."""
     from PIL import Image
 
-    from curate.score.engines import EngineRequest, VllmEngine
+    from curate.stages.score.engines import EngineRequest, VllmEngine
 
     samples = RunFolder(ingested_run).read("samples", ["multi_image_compare-00000"]).to_pylist()
     cfg = score_config(vlm=True, image_placeholder="<image>")
@@ -203,7 +203,7 @@ def test_server_errors_fatal_or_per_request(tokenizer_dir):
 
     from transformers import AutoTokenizer
 
-    from curate.score.engines import EngineRequest
+    from curate.stages.score.engines import EngineRequest
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -242,8 +242,8 @@ def test_server_errors_fatal_or_per_request(tokenizer_dir):
 
 
 def test_fingerprints_separate_decisions_from_raw_scores(judge, tmp_path):
-    from curate.score.prompts import PromptLibrary
-    from curate.score.stage import content_fingerprint, stage_fingerprint
+    from curate.stages.score.prompts import PromptLibrary
+    from curate.stages.score.stage import content_fingerprint, stage_fingerprint
 
     lib = PromptLibrary()
     base = score_config()

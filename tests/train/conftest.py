@@ -33,14 +33,14 @@ def train_tokenizer(tmp_path_factory) -> Path:
 def token_ids(train_tokenizer):
     from transformers import AutoTokenizer
 
-    from curate.train.synthetic import TokenIds
+    from curate.stages.train.synthetic import TokenIds
 
     return TokenIds.from_tokenizer(AutoTokenizer.from_pretrained(train_tokenizer))
 
 
 @pytest.fixture(scope="session")
 def tiny_images(tmp_path_factory) -> list[Path]:
-    from curate.train.synthetic import write_image
+    from curate.stages.train.synthetic import write_image
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("train_images")
@@ -62,7 +62,7 @@ def make_tiny_packs(
     max_images: int = 2,
 ) -> Path:
     """n_packs packs of 1-3 samples, each with 0..max_images images (several multi-image)."""
-    from curate.train.synthetic import image_entry, make_sample, write_packs
+    from curate.stages.train.synthetic import image_entry, make_sample, write_packs
 
     rng = np.random.default_rng(seed)
     packs = []

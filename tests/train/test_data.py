@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.budget.tiling import count_tiles, dynamic_preprocess, has_thumbnail, select_grid
-from curate.chat import IGNORE_INDEX
-from curate.train.data import (
+from curate.stages.budget.tiling import count_tiles, dynamic_preprocess, has_thumbnail, select_grid
+from curate.core.chat import IGNORE_INDEX
+from curate.stages.train.data import (
     JPEG_QUALITIES,
     PackBatches,
     StepLayout,
@@ -21,7 +21,7 @@ from curate.train.data import (
     rebuild_tiles,
     shift_targets,
 )
-from curate.train.synthetic import image_entry, make_sample, pack_rows, write_packs
+from curate.stages.train.synthetic import image_entry, make_sample, pack_rows, write_packs
 
 KW = dict(image_size=448, tokens_per_tile=256)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from curate.train.config import TrainConfig
-from curate.train.loop import STAGES, cosine_with_warmup, train
-from curate.train.model import part_modules
+from curate.stages.train.config import TrainConfig
+from curate.stages.train.loop import STAGES, cosine_with_warmup, train
+from curate.stages.train.model import part_modules
 from tests.train.conftest import make_tiny_packs
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_stage2_loss.json"
@@ -43,7 +43,7 @@ def test_stage_freezing(stage, small_packs, train_tokenizer, tmp_path):
     """Frozen parts are bit-identical after training; the trained parts moved."""
     from transformers import AutoTokenizer
 
-    from curate.train.model import build_model, load_model
+    from curate.stages.train.model import build_model, load_model
 
     before = build_model("debug", AutoTokenizer.from_pretrained(train_tokenizer), seed=0)
     res = train(
@@ -131,7 +131,7 @@ def test_resume_continues_the_same_curve(small_packs, train_tokenizer, tmp_path)
 def test_cli_train(small_packs, train_tokenizer, tmp_path):
     from typer.testing import CliRunner
 
-    from curate.cli import app
+    from curate.cli.main import app
 
     result = CliRunner().invoke(
         app,
@@ -164,9 +164,9 @@ def test_cli_train(small_packs, train_tokenizer, tmp_path):
 
 def test_pipeline_train_stage(tiny_run, train_tokenizer):
     """The pipeline section validates and its runner trains in RUN/train."""
-    from curate.config import ModelsConfig, PipelineConfig, StagesConfig
-    from curate.pipeline import STAGE_RUNNERS, PipelineContext
-    from curate.run import RunFolder
+    from curate.pipeline.config import ModelsConfig, PipelineConfig, StagesConfig
+    from curate.pipeline.run import STAGE_RUNNERS, PipelineContext
+    from curate.core.folder import RunFolder
 
     stages = StagesConfig.model_validate(
         {"train": {"flavor": "debug", "stage": 1, "steps": 1, "workers": 0}}
@@ -209,7 +209,7 @@ def _run_torchrun(args: list[str], nproc: int) -> None:
         "--nproc-per-node",
         str(nproc),
         "-m",
-        "curate.train",
+        "curate.stages.train",
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -221,7 +221,7 @@ def _run_torchrun(args: list[str], nproc: int) -> None:
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp2"])
 def test_two_gloo_ranks_agree_with_one(distributed, small_packs, train_tokenizer, tmp_path):
     """torchrun, 2 CPU ranks (gloo), 1 pack each = 1 process accumulating 2 packs."""
-    from curate.train.model import load_model
+    from curate.stages.train.model import load_model
 
     common = [
         "--packs",

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from curate.chat import IGNORE_INDEX
-from curate.train.data import PackBatches, StepLayout, loss_weight, read_packs
-from curate.train.loop import micro_step
-from curate.train.loss import PackedCausalLM
-from curate.train.synthetic import make_sample, write_packs
+from curate.core.chat import IGNORE_INDEX
+from curate.stages.train.data import PackBatches, StepLayout, loss_weight, read_packs
+from curate.stages.train.loop import micro_step
+from curate.stages.train.loss import PackedCausalLM
+from curate.stages.train.synthetic import make_sample, write_packs
 
 BATCH_KEYS = ("input_ids", "position_ids", "targets", "weights", "seq_lens", "pixel_values")
 
@@ -59,7 +59,7 @@ def test_loss_is_weighted_mean_of_ce(two_sample_pack, token_ids, train_tokenizer
     """Σ w·CE / Σ w with w = 1/√x, against CE taken from the model's full logits."""
     from transformers import AutoTokenizer
 
-    from curate.train.model import build_model
+    from curate.stages.train.model import build_model
 
     model = build_model("debug", AutoTokenizer.from_pretrained(train_tokenizer), seed=0)
     ds = PackBatches(
@@ -88,7 +88,7 @@ def test_loss_invariant_to_splitting(tiny_run, token_ids, train_tokenizer):
     """4 packs per step as 4×1, 1×4 accumulation, or 2 ranks × 2: same loss and gradients."""
     from transformers import AutoTokenizer
 
-    from curate.train.model import build_model, resolve_attention
+    from curate.stages.train.model import build_model, resolve_attention
 
     model = build_model("debug", AutoTokenizer.from_pretrained(train_tokenizer), seed=0)
     model.set_attn_implementation(resolve_attention("varlen"))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from curate.train import model as m
-from curate.train.data import PackBatches, StepLayout, read_packs
-from curate.train.loss import PackedCausalLM, block_causal_mask
-from curate.train.synthetic import image_entry, make_sample, write_packs
+from curate.stages.train import model as m
+from curate.stages.train.data import PackBatches, StepLayout, read_packs
+from curate.stages.train.loss import PackedCausalLM, block_causal_mask
+from curate.stages.train.synthetic import image_entry, make_sample, write_packs
 from tests.train.conftest import make_tiny_packs
 
 

@@ -1,0 +1,76 @@
+"""What ``curate pack`` prints, and ``curate export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RunOpt = Annotated[Path, typer.Option("--run", help="run folder (budgeted)")]
+
+
+def pack_report_table(report: dict):
+    from types import SimpleNamespace
+
+    from rich.table import Table
+
+    report = SimpleNamespace(**report)
+    t = Table(title=f"pack ({report.algorithm})")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    rows = [
+        ("samples kept (status keep)", f"{report.samples_in:,}"),
+        ("samples rejected over a cap", f"{report.samples_rejected:,}"),
+        ("samples truncated", f"{report.samples_truncated:,}"),
+        ("samples not drawn (repeat r < 1)", f"{report.samples_not_drawn:,}"),
+        (
+            "samples not packed (status)",
+            ", ".join(f"{k}: {v}" for k, v in report.samples_excluded.items()) or "0",
+        ),
+        ("copies packed", f"{report.copies_packed:,}"),
+        ("packs", f"{report.packs:,}"),
+        ("lower bound max(⌈Σtok/C⌉, ⌈Σtiles/K⌉)", f"{report.lower_bound:,}"),
+        ("packs / lower bound", f"{report.ratio_to_lower_bound:.4f}"),
+        ("token fill", f"{report.token_fill:.2%}"),
+        ("tile fill", f"{report.tile_fill:.2%}"),
+        (
+            "padded batches would process",
+            f"{report.padded_batch_tokens:,} tokens ({report.padding_fraction_padded:.1%} padding)",
+        ),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def export_command(
+    run: RunOpt,
+    out: Annotated[Path, typer.Option(help="output folder")],
+    format: Annotated[
+        str, typer.Option(help="internvl (meta JSON + JSONL) | hf (save_to_disk)")
+    ] = "internvl",
+    embed_images: Annotated[bool, typer.Option(help="hf: embed image bytes, not paths")] = False,
+    flagged: Annotated[
+        str, typer.Option(help="exclude | include unreviewed flagged samples")
+    ] = "exclude",
+) -> None:
+    """Export the kept samples for training elsewhere (InternVL's scripts or HF datasets).
+
+    Status is the final one: every stage's ledger and the review decisions."""
+    from curate.cli.console import console
+    from curate.cli.main import fail, user_errors
+    from curate.core.folder import RunFolder
+    from curate.stages.pack.export import export_hf, export_internvl
+
+    if format not in ("internvl", "hf"):
+        fail(f"unknown format {format!r}: internvl or hf")
+    folder = RunFolder(run)
+    with user_errors(), folder.lock():  # no stage may replace tables while they are read
+        if not folder.shards("samples"):
+            fail(f"{run} has no samples/: run `curate ingest` (or a pipeline) first")
+        if format == "internvl":
+            path = export_internvl(folder, out, flagged=flagged)
+        else:
+            path = export_hf(folder, out, flagged=flagged, embed_images=embed_images)
+    console.print(f"exported to {path}")

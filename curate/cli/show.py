@@ -1,0 +1,115 @@
+"""What the commands print after the engine ran: one line per stage, then each stage's table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.table import Table
+
+from curate.cli.console import console, rules_table, summary_line, summary_table
+from curate.core.engine import StageSummary
+from curate.core.folder import RunFolder
+
+SAMPLE_TABLE_STAGES = ("ingest", "filter", "score")
+
+
+def _budget(run: RunFolder, summary: StageSummary) -> None:
+    from curate.cli.console import budget_rich_table
+    from curate.core.io import read_json
+
+    path = run.path / "repeat" / "budget_table.json"
+    if path.exists():
+        console.print(budget_rich_table(read_json(path)))
+
+
+def _filter(run: RunFolder, summary: StageSummary) -> None:
+    from curate.cli.filters import rule_rows, rule_table
+
+    console.print(rule_table(rule_rows(run, summary)))
+
+
+def _score(run: RunFolder, summary: StageSummary) -> None:
+    from curate.cli.score import distribution_table
+    from curate.stages.score.stage import score_distribution
+
+    console.print(distribution_table(score_distribution(run)))
+
+
+def _pack(run: RunFolder, summary: StageSummary) -> None:
+    from curate.cli.pack import pack_report_table
+
+    if summary.report:
+        console.print(pack_report_table(summary.report))
+
+
+def _train(run: RunFolder, summary: StageSummary) -> None:
+    from curate.cli.train import print_result
+
+    print_result(summary.report)
+
+
+def _report(run: RunFolder, summary: StageSummary) -> None:
+    console.print(f"[bold]report:[/bold] {summary.report.get('path')}")
+
+
+AFTER: dict[str, Callable[[RunFolder, StageSummary], None]] = {
+    "repeat": _budget,
+    "filter": _filter,
+    "score": _score,
+    "pack": _pack,
+    "train": _train,
+    "report": _report,
+}
+
+
+def show_summaries(pipeline, summaries: dict[str, StageSummary]) -> None:
+    for name, summary in summaries.items():
+        console.print(summary_line(summary))
+        if name in SAMPLE_TABLE_STAGES and summary.redone:
+            console.print(summary_table(summary))
+            if summary.by_rule:
+                console.print(rules_table(summary))
+        if name in AFTER:
+            AFTER[name](pipeline.run, summary)
+
+
+def plan_table(planned, title: str, run: RunFolder | None = None) -> Table:
+    """Per stage: done / to redo (how many units, why) / waits for an earlier stage / missing;
+    with ``run``, also the stage's counts from its stats."""
+    t = Table(title=title)
+    for col in ("stage", "state", "units", "why", *(("in", "kept", "rejected") if run else ())):
+        t.add_column(col, justify="right" if col in ("units", "in", "kept", "rejected") else "left")
+    for item in planned:
+        plan = item.plan
+        state, why = _state(item)
+        units = f"{len(plan.todo)}/{len(plan.units)}" if plan.units else "-"
+        counts = ()
+        if run is not None:
+            stats = run.stats(plan.stage) or {}
+            counts = tuple(
+                "-" if stats.get(k) is None else f"{stats[k]:,}"
+                for k in ("rows_in", "rows_kept", "rows_rejected")
+            )
+        t.add_row(plan.stage, state, units, why, *counts)
+    return t
+
+
+def _state(item) -> tuple[str, str]:
+    plan = item.plan
+    if plan.blocked:
+        return "[red]missing[/red]", plan.blocked
+    if item.waits_for and (plan.todo or plan.units):
+        new = [u for u in plan.todo if u.state == "new"]
+        if new and len(new) == len(plan.units):
+            return "[yellow]missing[/yellow]", f"after {item.waits_for}"
+        return "[yellow]after " + item.waits_for + "[/yellow]", (
+            f"redoes what {item.waits_for}'s changes reach"
+        )
+    if not plan.todo and not plan.remove:
+        return "[green]done[/green]", ""
+    reasons = sorted({u.why for u in plan.todo})
+    if plan.remove:
+        reasons.append(f"{len(plan.remove)} shards gone upstream")
+    state = "missing" if all(u.state == "new" for u in plan.todo) and plan.todo else "stale"
+    colour = "yellow"
+    return f"[{colour}]{state}[/{colour}]", "; ".join(reasons[:3])

@@ -1,0 +1,253 @@
+"""The budget stage: every kept sample's tiles, visual tokens and text tokens, then repeat copies.
+
+Image sizes were read from file headers at ingest, so this stage decodes no pixel. Text tokens
+come from the real tokenizer over the ``internvl2_5`` template, each ``<image>`` counted as
+``<img></img>`` here and its 256·tiles ``<IMG_CONTEXT>`` tokens added as visual tokens — the
+same total the pack stage gets by tokenising the expanded text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from curate.core.chat import segments
+from curate.core.folder import RunFolder
+from curate.core.io import write_json_atomic, write_parquet_atomic
+from curate.core.stage import (
+    GlobalInput,
+    GlobalOutput,
+    GlobalStage,
+    ShardInput,
+    ShardOutput,
+    ShardStage,
+)
+from curate.stages.budget.config import BudgetConfig
+from curate.stages.budget.costs import TilingParams, grid_tiles, image_grids
+from curate.stages.budget.repeat import internvl_copies, solve_repeat_factors, stable_copies
+from curate.stages.budget.tiling import tokens_per_tile
+
+STAGE = "budget"
+GRID_TYPE = pa.struct([("cols", pa.int16()), ("rows", pa.int16()), ("thumbnail", pa.bool_())])
+BUDGET_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("dataset", pa.string()),
+        ("line", pa.int64()),
+        ("n_images", pa.int32()),
+        ("grids", pa.list_(GRID_TYPE)),  # per image (per sampled frame for video), in order
+        ("frame_indices", pa.list_(pa.int32())),  # video: which frames are used
+        ("tiles", pa.int32()),
+        ("visual_tokens", pa.int32()),  # 256 per tile + <img></img> per image
+        ("text_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+    ]
+)
+COPIES_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("dataset", pa.string()), ("copies", pa.int32())]
+)
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer from a local directory (never from a hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def cached_tokenizer(path: str):
+    # One load per process: worker processes reuse it across shards.
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def _tiling_for(dataset: dict, cfg: BudgetConfig) -> TilingParams:
+    return TilingParams(
+        max_tiles=dataset.get("max_dynamic_patch") or cfg.max_dynamic_patch,
+        min_tiles=dataset.get("min_dynamic_patch") or cfg.min_dynamic_patch,
+        image_size=cfg.image_size,
+        use_thumbnail=cfg.use_thumbnail,
+        video_frames=cfg.video_frames,
+    )
+
+
+def budget_rows(
+    rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer
+) -> list[dict]:
+    """Budget columns for sample rows (one tokenizer call for the whole batch)."""
+    per_tile = tokens_per_tile(cfg.image_size)
+    out, all_segments, owner = [], [], []
+    for i, row in enumerate(rows):
+        grids, frames = image_grids(
+            row["images"], row["kind"], _tiling_for(datasets[row["dataset"]], cfg)
+        )
+        segs = segments(
+            row["conversations"],
+            [0] * len(grids),
+            system_prompt=cfg.system_prompt,
+            n_video_frames=len(frames),
+        )
+        all_segments += [text for _, text in segs]
+        owner += [i] * len(segs)
+        tiles = sum(grid_tiles(g) for g in grids)
+        out.append(
+            {
+                "sample_id": row["sample_id"],
+                "dataset": row["dataset"],
+                "line": row["line"],
+                "n_images": len(grids),
+                "grids": grids,
+                "frame_indices": frames,
+                "tiles": tiles,
+                "visual_tokens": per_tile * tiles + 2 * len(grids),
+            }
+        )
+    lengths = [len(ids) for ids in tokenizer(all_segments).input_ids] if all_segments else []
+    text = np.bincount(np.asarray(owner, dtype=np.int64), weights=lengths, minlength=len(rows))
+    for i, r in enumerate(out):
+        r["text_tokens"] = int(text[i]) - 2 * r["n_images"]  # <img></img> counted as visual
+        r["total_tokens"] = r["text_tokens"] + r["visual_tokens"]
+    return out
+
+
+REPEAT_FIELDS = frozenset({"repeat_mode", "seed", "target_tokens", "weights"})
+TILING_KEYS = ("max_dynamic_patch", "min_dynamic_patch")
+
+
+class BudgetStage(ShardStage):
+    """Tiles, visual and text tokens of every ingested sample (``budget/``)."""
+
+    name = STAGE
+    reads = ("ingest",)
+    speed_fields = frozenset({"workers"}) | REPEAT_FIELDS
+
+    def __init__(self, config: BudgetConfig, tokenizer: str | Path) -> None:
+        super().__init__(config)
+        self.tokenizer = str(Path(tokenizer).resolve())
+        self.workers = config.workers
+        self.datasets: dict[str, dict] = {}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "tokenizer": self.tokenizer}
+
+    def shard_inputs(self, run: RunFolder, shard: str) -> dict[str, str]:
+        # A dataset's own tiling settings in the meta JSON decide its grids.
+        names = set(run.read("samples", [shard], columns=["dataset"])["dataset"].to_pylist())
+        datasets = run.datasets()
+        tiling = {n: [datasets.get(n, {}).get(k) for k in TILING_KEYS] for n in sorted(names)}
+        return {"tiling": str(tiling)}
+
+    def prepare(self, run: RunFolder) -> None:
+        self.datasets = run.datasets()
+
+    def process(self, shard: ShardInput) -> ShardOutput:
+        rows = shard.table("samples").to_pylist()
+        budget = budget_rows(rows, self.datasets, self.config, cached_tokenizer(self.tokenizer))
+        return ShardOutput(pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA))
+
+
+class RepeatStage(GlobalStage):
+    """Copies of every budgeted sample under the repeat mode (``repeat/copies.parquet``), and
+    the per-dataset budget table."""
+
+    name = "repeat"
+    reads = ("ingest", "budget")  # ingest: its rejections per dataset in the budget table
+    outputs = ("repeat",)
+
+    def settings(self) -> dict:
+        return self.config.model_dump(mode="json", include=set(REPEAT_FIELDS))
+
+    def extra_inputs(self, run: RunFolder) -> dict[str, str]:
+        datasets = run.datasets()
+        return {
+            "repeat_time": str({n: (d["repeat_time"], d["lines"]) for n, d in datasets.items()})
+        }
+
+    def run(self, inp: GlobalInput) -> GlobalOutput:
+        table, r = compute_copies(inp.run, self.config)
+        write_parquet_atomic(
+            table.to_arrow().cast(COPIES_SCHEMA), inp.out / "repeat" / "copies.parquet"
+        )
+        rows = budget_table(inp.run, table, r)
+        write_json_atomic(rows, inp.out / "repeat" / "budget_table.json")
+        return GlobalOutput(report={"repeat_time": r})
+
+
+def repeat_factors(run: RunFolder, cfg: BudgetConfig, costs: pl.DataFrame) -> dict[str, float]:
+    datasets = run.datasets()
+    if cfg.target_tokens is None:
+        return {name: float(d["repeat_time"]) for name, d in datasets.items()}
+    tokens = costs.group_by("dataset").agg(pl.col("total_tokens").sum())
+    per_ds = {name: 0 for name in datasets} | dict(tokens.iter_rows())
+    return solve_repeat_factors(per_ds, cfg.target_tokens, cfg.weights)
+
+
+def compute_copies(run: RunFolder, cfg: BudgetConfig) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Copies of every budgeted sample under the configured repeat mode."""
+    costs = pl.from_arrow(
+        run.read(
+            "budget", schema=BUDGET_SCHEMA, columns=["sample_id", "dataset", "line", "total_tokens"]
+        )
+    )
+    r = repeat_factors(run, cfg, costs)
+    lines = {n: d["lines"] for n, d in run.datasets().items()}
+    parts = []
+    for (name,), part in costs.group_by(["dataset"], maintain_order=True):
+        if cfg.repeat_mode == "internvl":
+            copies = internvl_copies(part["line"].to_numpy(), lines[name], r[name])
+        else:
+            copies = stable_copies(part["sample_id"].to_list(), r[name], cfg.seed)
+        parts.append(part.select("sample_id", "dataset").with_columns(copies=pl.Series(copies)))
+    table = (
+        pl.concat(parts)
+        if parts
+        else pl.DataFrame(schema={"sample_id": pl.String, "dataset": pl.String, "copies": pl.Int32})
+    )
+    return table, r
+
+
+EMPTY_ROW = {
+    "samples": 0,
+    "images": 0,
+    "tiles": 0,
+    "visual_tokens": 0,
+    "text_tokens": 0,
+    "copies": 0,
+    "effective_tokens": 0,
+}
+
+
+def budget_table(run: RunFolder, copies: pl.DataFrame, r: dict[str, float]) -> list[dict]:
+    """Per-dataset totals: samples kept/rejected, images, tiles, tokens, r, effective tokens."""
+    costs = pl.from_arrow(run.read("budget", schema=BUDGET_SCHEMA).drop(["grids", "frame_indices"]))
+    df = costs.join(copies.select("sample_id", "copies"), on="sample_id", how="left")
+    agg = df.group_by("dataset").agg(
+        pl.len().alias("samples"),
+        pl.col("n_images").sum().alias("images"),
+        pl.col("tiles").sum(),
+        pl.col("visual_tokens").sum(),
+        pl.col("text_tokens").sum(),
+        pl.col("copies").sum(),
+        (pl.col("total_tokens") * pl.col("copies")).sum().alias("effective_tokens"),
+    )
+    by_name = {row["dataset"]: row for row in agg.iter_rows(named=True)}
+    ingest = (run.stats("ingest") or {}).get("by_dataset", {})
+    table = []
+    for name in run.datasets():
+        row = by_name.get(name, EMPTY_ROW)
+        table.append(
+            {
+                "dataset": name,
+                **{k: v for k, v in row.items() if k != "dataset"},
+                "rejected": ingest.get(name, [0, 0, 0])[2],
+                "repeat_time": round(r.get(name, 0.0), 4),
+            }
+        )
+    return table

@@ -1,0 +1,136 @@
+"""Training tokenisation of every budgeted sample (``tokens/`` shards, resumable per shard).
+
+Each sample goes through the ``internvl2_5`` template with every ``<image>`` expanded to
+``<img>`` + ``<IMG_CONTEXT>`` x 256·tiles + ``</img>`` using the grids the budget chose, and
+gets InternVL's labels (answers and their ``<|im_end|>`` only). Review decisions do not affect
+this step, so changing a decision later re-packs without re-tokenising.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from curate.core.chat import IGNORE_INDEX, segments, tokenize
+from curate.core.folder import RunFolder
+from curate.core.stage import ShardInput, ShardOutput, ShardStage
+from curate.stages.budget.stage import cached_tokenizer
+from curate.stages.budget.tiling import tokens_per_tile
+from curate.stages.pack.config import PackConfig
+
+STAGE = "tokenize"
+TOKEN_IMAGE_TYPE = pa.struct(
+    [
+        ("path", pa.string()),
+        ("cols", pa.int16()),
+        ("rows", pa.int16()),
+        ("thumbnail", pa.bool_()),
+        ("data_augment", pa.bool_()),
+    ]
+)
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("dataset", pa.string()),
+        ("line", pa.int64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+        ("n_supervised", pa.int32()),
+        ("tiles", pa.int32()),
+        ("images", pa.list_(TOKEN_IMAGE_TYPE)),  # in token order (video: the sampled frames)
+    ]
+)
+
+
+def tokenize_sample(
+    sample: dict,
+    budget: dict,
+    tokenizer,
+    *,
+    data_augment: bool,
+    system_prompt: str | None,
+    per_tile: int = 256,
+) -> dict:
+    """One sample's training row: ids, labels, counts and the images with their grids."""
+    grids = budget["grids"]
+    if sample["kind"] == "video":
+        sources = [sample["images"][i] for i in budget["frame_indices"]]
+    else:
+        sources = sample["images"]
+    counts = [per_tile * (g["cols"] * g["rows"] + int(g["thumbnail"])) for g in grids]
+    segs = segments(
+        sample["conversations"],
+        counts,
+        system_prompt=system_prompt,
+        n_video_frames=len(budget["frame_indices"]),
+    )
+    ids, labels = tokenize(tokenizer, segs)
+    images = [
+        {"path": im["path"], **g, "data_augment": data_augment}
+        for im, g in zip(sources, grids, strict=True)
+    ]
+    return {
+        "sample_id": sample["sample_id"],
+        "dataset": sample["dataset"],
+        "line": sample["line"],
+        "input_ids": ids,
+        "labels": labels,
+        "n_tokens": len(ids),
+        "n_supervised": sum(1 for x in labels if x != IGNORE_INDEX),
+        "tiles": budget["tiles"],
+        "images": images,
+    }
+
+
+class TokenizeStage(ShardStage):
+    """Training ids and labels of every budgeted sample (``tokens/``), at the budget's grids."""
+
+    name = STAGE
+    reads = ("ingest", "budget")
+
+    def __init__(self, config: PackConfig, tokenizer: str | Path, image_size: int = 448) -> None:
+        super().__init__(config)
+        self.tokenizer = str(Path(tokenizer).resolve())
+        self.image_size = image_size
+        self.workers = config.workers
+        self.augment: dict[str, bool] = {}
+
+    @property
+    def table(self) -> str:
+        return "tokens"
+
+    def settings(self) -> dict:
+        return {
+            "system_prompt": self.config.system_prompt,
+            "tokenizer": self.tokenizer,
+            "image_size": self.image_size,
+        }
+
+    def extra_inputs(self, run: RunFolder) -> dict[str, str]:
+        return {"data_augment": str(sorted(self._augment(run).items()))}
+
+    def prepare(self, run: RunFolder) -> None:
+        self.augment = self._augment(run)
+
+    @staticmethod
+    def _augment(run: RunFolder) -> dict[str, bool]:
+        return {name: bool(d["data_augment"]) for name, d in run.datasets().items()}
+
+    def process(self, shard: ShardInput) -> ShardOutput:
+        samples = shard.table("samples").to_pylist()
+        budgets = {b["sample_id"]: b for b in shard.table("budget").to_pylist()}
+        tok = cached_tokenizer(self.tokenizer)
+        rows = [
+            tokenize_sample(
+                s,
+                budgets[s["sample_id"]],
+                tok,
+                data_augment=self.augment[s["dataset"]],
+                system_prompt=self.config.system_prompt,
+                per_tile=tokens_per_tile(self.image_size),
+            )
+            for s in samples
+        ]
+        return ShardOutput(pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA))

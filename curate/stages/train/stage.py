@@ -1,0 +1,63 @@
+"""Training as a pipeline stage: the InternVL model on the run's packs (torch imported late).
+
+The engine redoes training when its settings or the packs change. Training resumes itself
+after a crash: the stage stamps ``RUN/train`` with what it trains on, and a rerun on the same
+stamp continues from the newest checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from curate.core.io import read_json, write_json_atomic
+from curate.core.stage import GlobalInput, GlobalOutput, GlobalStage
+from curate.stages.train.config import TrainConfig
+
+STAMP = "stage_inputs.json"
+
+
+def run_training(cfg: TrainConfig, run_dir: Path | None, **kwargs):
+    """Train; returns loop.TrainResult."""
+    from curate.stages.train.loop import train
+
+    return train(cfg, Path(run_dir) if run_dir is not None else None, **kwargs)
+
+
+class TrainStage(GlobalStage):
+    """``RUN/train``: checkpoints, ``metrics.jsonl``, ``loss.png``."""
+
+    name = "train"
+    reads = ("pack",)
+    speed_fields = frozenset({"workers", "save_every", "keep_checkpoints", "resume"})
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.stop_after: int | None = None  # tests: end this call after N steps (a crash)
+
+    def run(self, inp: GlobalInput) -> GlobalOutput:
+        cfg = self.config
+        out = Path(cfg.out or inp.run.path / "train")
+        stamp = {"settings": self.settings(), "packs": _packs_identity(inp)}
+        resume = (out / STAMP).exists() and read_json(out / STAMP) == stamp
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)  # checkpoints of other settings or packs
+            write_json_atomic(stamp, out / STAMP)
+        result = run_training(
+            cfg.model_copy(update={"resume": resume}), inp.run.path, stop_after=self.stop_after
+        )
+        if self.stop_after is not None and result.steps < (cfg.steps or 0):
+            raise InterruptedError(f"training stopped after {result.steps} steps (stop_after)")
+        return GlobalOutput(
+            report={
+                "optimizer_steps": result.steps,
+                "checkpoint": str(result.checkpoint),
+                "out": str(out),
+                "resumed": resume,
+            }
+        )
+
+
+def _packs_identity(inp: GlobalInput) -> dict:
+    marker = inp.run.marker("pack", "all")
+    return marker["files"] if marker else {}

@@ -1,4 +1,0 @@
-"""Train: the InternVL model on packed sequences (model, data, loss, loop, distributed).
-
-``curate train --run DIR`` or ``torchrun --nproc-per-node N -m curate.train --run DIR``.
-"""
