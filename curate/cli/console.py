@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from curate.core.engine import Event, StageSummary
+from curate.core.errors import CurateError
 
 # Wide enough for the budget table when output is a pipe or a CI log (rich assumes 80 there).
 console = Console(width=None if Console().is_terminal else 160)
+
+
+def fail(message: str) -> None:
+    """One red line and exit status 2."""
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Foreseeable errors become one red line and exit status 2, never a traceback."""
+    try:
+        yield
+    except (CurateError, FileNotFoundError) as e:
+        fail(str(e))
 
 
 class EngineProgress:

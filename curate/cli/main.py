@@ -11,16 +11,15 @@ Heavy libraries (torch, vllm, ray) are imported by the stages that need them, so
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from curate.cli.console import fail, user_errors
 from curate.cli.pack import export_command
 from curate.cli.review import review_command
 from curate.cli.settings_help import section_help
-from curate.core.errors import CurateError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -43,22 +42,6 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="KEY=VALUE setting of this stage's section (repeatable)"),
 ]
-
-
-def fail(message: str) -> None:
-    from curate.cli.console import console
-
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
-
-
-@contextmanager
-def user_errors():
-    """Foreseeable errors become one red line and exit status 2, never a traceback."""
-    try:
-        yield
-    except (CurateError, FileNotFoundError) as e:
-        fail(str(e))
 
 
 def run_section(

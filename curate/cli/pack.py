@@ -58,8 +58,7 @@ def export_command(
     """Export the kept samples for training elsewhere (InternVL's scripts or HF datasets).
 
     Status is the final one: every stage's ledger and the review decisions."""
-    from curate.cli.console import console
-    from curate.cli.main import fail, user_errors
+    from curate.cli.console import console, fail, user_errors
     from curate.core.folder import RunFolder
     from curate.stages.pack.export import export_hf, export_internvl
 

@@ -155,7 +155,7 @@ def review_command(
     `curate pack` packs a sample when its status is keep.
     """
     from curate.cli.console import console
-    from curate.cli.main import fail as _fail
+    from curate.cli.console import fail as _fail
     from curate.core.folder import RunFolder, RunLockedError
     from curate.core.status import add_decisions, current_decisions, pending_review, status_totals
 

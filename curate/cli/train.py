@@ -81,7 +81,7 @@ def torchrun_main(
     ] = None,
 ) -> None:
     """Train on RUN/packs in every rank of a torchrun job."""
-    from curate.cli.main import user_errors
+    from curate.cli.console import user_errors
 
     with user_errors():
         train_ranks(run, config, set_)

@@ -23,12 +23,21 @@ import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from curate.core.executors import ExecutorError, RayExecutor
+from curate.core.errors import CurateError
 from curate.stages.score.config import ScoreConfig
 from curate.stages.score.engines import EngineRequest, EngineStats
 from curate.stages.score.labels import LabelSet, RawOutput
 from curate.stages.score.stage import Scorer
+
+if TYPE_CHECKING:  # the pipeline hands its executor in; the stage never makes one
+    from curate.core.executors import RayExecutor
+
+
+class EngineLayoutError(CurateError):
+    """The cluster cannot hold the judge engines as configured."""
+
 
 ENGINE_RESTARTS = 2  # an engine actor (and its slice of a batch) is retried this often
 
@@ -72,7 +81,7 @@ def engine_layout(cfg: ScoreConfig, executor: RayExecutor) -> tuple[int, float]:
     )
     gpus = executor.resources().get("GPU", 0.0)
     if gpus_each > 0 and gpus < gpus_each:
-        raise ExecutorError(
+        raise EngineLayoutError(
             f"the Ray cluster at {executor.where} has {gpus:g} GPUs; a vLLM engine needs "
             f"{gpus_each:g} (score.tensor_parallel_size / executor.num_gpus_per_engine). "
             "Add GPU nodes, or set executor.num_gpus_per_engine: 0 to score on CPUs."
@@ -118,7 +127,7 @@ class RayEngine:
             self.info = ray.get([a.info.remote() for a in self.actors])
         except ray.exceptions.RayError as e:
             self.close()
-            raise ExecutorError(
+            raise EngineLayoutError(
                 f"a vLLM engine actor did not start on the Ray cluster at {executor.where} "
                 f"(is the judge model at {model} on every node?): {e}"
             ) from e
@@ -140,7 +149,7 @@ class RayEngine:
         try:
             parts = ray.get(refs)
         except ray.exceptions.RayActorError as e:
-            raise ExecutorError(
+            raise EngineLayoutError(
                 f"a vLLM engine actor on the Ray cluster at {self.where} died "
                 f"{ENGINE_RESTARTS + 1} times: {e}"
             ) from e
