@@ -71,6 +71,29 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+SMALL_FILE_BYTES = 64 << 20
+
+
+def path_identity(path: str | os.PathLike[str]) -> str:
+    """Identity of a model or tokenizer folder by its files, not its name: small files
+    (configs, vocabularies) by content, large ones (weights) by size and mtime. Replacing a
+    tokenizer in place at the same path changes it; so does retraining a judge."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    h = xxhash.xxh3_64(str(root.resolve()).encode())
+    for f in files:
+        if any(part.startswith(".") for part in f.relative_to(root).parts if root.is_dir()):
+            continue
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0".encode())
+        h.update(
+            file_hash(f).encode()
+            if st.st_size <= SMALL_FILE_BYTES
+            else str(st.st_mtime_ns).encode()
+        )
+    return h.hexdigest()
+
+
 def read_json(path: Path) -> object:
     return orjson.loads(Path(path).read_bytes())
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from curate.stages.budget.stage import load_tokenizer
 from curate.core.chat import IGNORE_INDEX, expand_video, segments, tokenize
+from curate.stages.budget.stage import load_tokenizer
 
 TURNS = [
     {"role": "human", "text": "Image-1: <image>\nImage-2: <image>\nWhat differs?"},

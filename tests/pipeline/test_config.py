@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.pipeline.config import PipelineError, load_pipeline
+from curate.pipeline.config import PipelineError, apply_sets, load_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "internvl2_5_1b.yaml"])
@@ -45,3 +45,18 @@ def test_not_found_and_not_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("run: [unclosed\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_pipeline(tmp_path / "bad.yaml")
+
+
+def test_set_overrides_apply_under_their_section():
+    raw = {"stages": {"filter": {"rules": {"zero_run": {"threshold": 24}}}}}
+    apply_sets(
+        raw, ["rules.char_run.threshold=120", "rules.zero_run.enabled=false"], "stages.filter"
+    )
+    assert raw["stages"]["filter"]["rules"] == {
+        "zero_run": {"threshold": 24, "enabled": False},
+        "char_run": {"threshold": 120},
+    }
+    with pytest.raises(PipelineError, match="KEY=VALUE"):
+        apply_sets({}, ["threshold"])
+    with pytest.raises(PipelineError, match="not a section"):
+        apply_sets({"stages": {"pack": 3}}, ["stages.pack.max_tokens=1"])

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from curate.core.chat import segments
 from curate.core.folder import RunFolder
-from curate.core.io import write_json_atomic, write_parquet_atomic
+from curate.core.io import path_identity, write_json_atomic, write_parquet_atomic
 from curate.core.stage import (
     GlobalInput,
     GlobalOutput,
@@ -135,7 +135,7 @@ class BudgetStage(ShardStage):
         self.datasets: dict[str, dict] = {}
 
     def settings(self) -> dict:
-        return {**super().settings(), "tokenizer": self.tokenizer}
+        return {**super().settings(), "tokenizer": path_identity(self.tokenizer)}
 
     def shard_inputs(self, run: RunFolder, shard: str) -> dict[str, str]:
         # A dataset's own tiling settings in the meta JSON decide its grids.

@@ -1,12 +1,12 @@
 """The filter stage: ``samples/`` shards -> ``filter/`` shards + ``ledger/filter``.
 
-The duplicate pass (``dedup.DuplicatesStage``, a global stage before this one) has found
-exact duplicates across all shards and datasets (the first by dataset order and line is kept).
-Then each shard, in parallel, is measured in vectorised batches and judged: a sample failing
-any ``reject`` rule is rejected; one failing only ``flag`` rules is kept and flagged for review; each failed rule
-of each sample is one ledger row. ``filter/<shard>.parquet`` has one row per kept (or
-flagged) sample with every metric, the names of its failed rules, ``repetition_suspect`` (what
-the LLM repetition check should look at) and ``decision``.
+The duplicate pass (``dedup.DuplicatesStage``, a global stage before this one) has found exact
+duplicates across all shards and datasets (the first by dataset order and line is kept). Then
+each shard, in parallel, is measured in vectorised batches and judged: a sample failing any
+``reject`` rule is rejected; one failing only ``flag`` rules is kept and flagged for review;
+each failed rule of each sample is one ledger row. ``filter/<shard>.parquet`` has one row per
+kept (or flagged) sample with every metric, the names of its failed rules,
+``repetition_suspect`` (what the LLM repetition check should look at) and ``decision``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from curate.core.folder import RunFolder
 from curate.core.records import SAMPLE_SCHEMA, LedgerEntry, ledger_table, sample_id
 from curate.core.stage import ShardInput, ShardOutput, ShardStage
 from curate.stages.ingest.config import IngestConfig
-from curate.stages.ingest.meta import DatasetSpec, load_meta
+from curate.stages.ingest.meta import DatasetSpec, MetaError, load_meta
 from curate.stages.ingest.normalize import parse_line
 
 STAGE = "ingest"
@@ -40,7 +40,15 @@ class ShardTask:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    """A file-name prefix for a dataset's shards, distinct for distinct names.
+
+    A name that is not already a plain, visible file name (spaces, slashes, a leading dot,
+    very long) gets a hash of itself: ``a b`` and ``a_b`` must not share shard files, and a
+    ``.hidden`` shard would never be listed."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
+    if slug != name or slug.startswith(".") or not slug:
+        slug = f"{slug.lstrip('.')[:71] or 'dataset'}-{xxhash.xxh3_64_hexdigest(name.encode())[:8]}"
+    return slug
 
 
 def _read_lines(spec: DatasetSpec) -> tuple[list[bytes], list[bool]]:
@@ -99,9 +107,13 @@ def plan(specs: list[DatasetSpec], shard_lines: int) -> tuple[dict[str, ShardTas
             shard_dups = {ln: f for ln, f in dups.items() if start < ln <= start + n}
             byte_start = int(starts[start]) if is_jsonl and n > 0 else None
             content = xxhash.xxh3_64_hexdigest(b"\n".join(lines[start : start + n]))
-            tasks[f"{_slug(spec.name)}-{k:05d}"] = ShardTask(
-                spec, start + 1, n, byte_start, shard_dups, content
-            )
+            shard = f"{_slug(spec.name)}-{k:05d}"
+            if shard in tasks:  # never silently drop a dataset's lines
+                raise MetaError(
+                    f"datasets {tasks[shard].spec.name!r} and {spec.name!r} "
+                    f"would share shard {shard}: rename one"
+                )
+            tasks[shard] = ShardTask(spec, start + 1, n, byte_start, shard_dups, content)
     return tasks, line_counts
 
 

@@ -1,7 +1,8 @@
 """InternVL's online packer, re-implemented on (tokens, tiles), and an InternVL-like length mixture.
 
 Both exist to measure `curate.stages.pack.binpack` against what InternVL 2.5 actually does:
-the packer is the baseline our offline packer must never lose to, the mixture is the data both run on.
+the packer is the baseline our offline packer must never lose to, the mixture is the data
+both run on.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from curate.core.chat import IGNORE_INDEX, segments, tokenize
 from curate.core.folder import RunFolder
+from curate.core.io import path_identity
 from curate.core.stage import ShardInput, ShardOutput, ShardStage
 from curate.stages.budget.stage import cached_tokenizer
 from curate.stages.budget.tiling import tokens_per_tile
@@ -104,7 +105,7 @@ class TokenizeStage(ShardStage):
     def settings(self) -> dict:
         return {
             "system_prompt": self.config.system_prompt,
-            "tokenizer": self.tokenizer,
+            "tokenizer": path_identity(self.tokenizer),
             "image_size": self.image_size,
         }
 

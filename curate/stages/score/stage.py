@@ -28,6 +28,7 @@ import xxhash
 
 from curate.core.errors import CurateError
 from curate.core.folder import RunFolder
+from curate.core.io import path_identity
 from curate.core.memo import Memo
 from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import ShardInput, ShardOutput, ShardStage
@@ -107,23 +108,6 @@ class Job:
 class Result:
     reading: Reading
     prompt_tokens: int
-
-
-@dataclass
-class ScoreReport:
-    """Engine totals of one ``score`` call (also saved as stats/score_engine.json)."""
-
-    requests: int = 0
-    samples: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    cache_hit_rate: float | None = None
-    engine_seconds: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds else 0.0
 
 
 def _threshold(table: dict[str, float], default: float, *keys: str | None) -> float:
@@ -460,7 +444,11 @@ class ScoreStage(ShardStage):
     def settings(self) -> dict:
         # Raw scores depend on the content fingerprint; decisions on the decision fields.
         decisions = self.config.model_dump(mode="json", include=DECISION_FIELDS)
-        return {"content": _content(self.config, self.model), "decisions": decisions}
+        return {
+            "content": _content(self.config, self.model),
+            "judge_files": path_identity(self.model) if self.model.exists() else "",
+            "decisions": decisions,
+        }
 
     def prepare(self, run: RunFolder) -> None:
         if not (self.model / "config.json").exists():

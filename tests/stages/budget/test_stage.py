@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 
-from curate.stages.budget.config import BudgetConfig
-from curate.stages.budget.costs import frame_indices
-from curate.stages.budget.stage import budget_rows, load_tokenizer, run_budget
 from curate.core.chat import segments, tokenize
 from curate.core.folder import RunFolder
+from curate.core.io import read_json
+from curate.stages.budget.config import BudgetConfig
+from curate.stages.budget.costs import frame_indices
+from curate.stages.budget.stage import BudgetStage, RepeatStage, budget_rows, load_tokenizer
+from tests.conftest import run_stages
+
+
+def run_budget(run: RunFolder, cfg: BudgetConfig, tokenizer_dir) -> dict:
+    """The budget and repeat stages through the engine; their summaries by stage name."""
+    return run_stages(run, BudgetStage(cfg, tokenizer_dir), RepeatStage(cfg))
 
 
 def test_total_tokens_equal_full_tokenisation(budgeted_run, tokenizer_dir):
@@ -60,16 +68,19 @@ def test_copies_and_table(budgeted_run):
 
 
 def _table(run):
-    from curate.core.io import read_json
-
-    return read_json(run.path / "stats" / "budget_table.json")
+    return read_json(run.path / "repeat" / "budget_table.json")
 
 
 def test_solver_and_stable_mode(run_copy, budgeted_run, tokenizer_dir):
     run = RunFolder(run_copy(budgeted_run))
     cfg = BudgetConfig(target_tokens=1_000_000, repeat_mode="stable")
-    run_budget(run, cfg, tokenizer_dir)
+    done = run_budget(run, cfg, tokenizer_dir)
+    # Repeat settings change the copies only: no shard is budgeted again.
+    assert done["budget"].redone == [] and done["repeat"].redone == ["all"]
     table = _table(run)
+    assert done["repeat"].report["repeat_time"] == pytest.approx(
+        {r["dataset"]: r["repeat_time"] for r in table}, abs=1e-4
+    )
     effective = sum(r["effective_tokens"] for r in table)
     assert abs(effective - 1_000_000) / 1_000_000 < 0.1  # fractional copies are sampled
     shares = [r["effective_tokens"] for r in table]
@@ -79,9 +90,11 @@ def test_solver_and_stable_mode(run_copy, budgeted_run, tokenizer_dir):
 def test_settings_change_redoes_shards(run_copy, budgeted_run, tokenizer_dir):
     run = RunFolder(run_copy(budgeted_run))
     again = run_budget(run, BudgetConfig(), tokenizer_dir)
-    assert again.shards_skipped == again.shards
+    assert again["budget"].shards_skipped == again["budget"].shards > 0
+    assert again["repeat"].redone == []
     changed = run_budget(run, BudgetConfig(max_dynamic_patch=4, use_thumbnail=False), tokenizer_dir)
-    assert changed.shards_skipped == 0
+    assert changed["budget"].shards_skipped == 0
+    assert changed["repeat"].redone == ["all"]  # it reads the budget, which changed
     grids = [g for row in run.read("budget").column("grids").to_pylist() for g in row]
     assert all(g["cols"] * g["rows"] <= 12 and not g["thumbnail"] for g in grids)
 

@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from curate.core.folder import RunFolder
 from curate.demo.images import write_png_bomb
 from curate.stages.ingest.config import IngestConfig
 from curate.stages.ingest.meta import MetaError, load_meta
-from curate.stages.ingest.stage import ingest
-from curate.core.folder import RunFolder
+from curate.stages.ingest.stage import IngestStage
+from tests.conftest import run_stages
 
 OK_TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
 
@@ -83,6 +84,11 @@ def _dataset(tmp_path, lines: list[bytes], fmt: str = "jsonl") -> str:
         orjson.dumps({"ds": {"root": "root", "annotation": ann.name, "domain": "ocr"}})
     )
     return str(meta)
+
+
+def ingest(meta, run: RunFolder, cfg: IngestConfig):
+    """Ingest ``meta`` into ``run`` through the engine; returns the stage's summary."""
+    return run_stages(run, IngestStage(cfg, meta))["ingest"]
 
 
 def _run(tmp_path, lines, **cfg):
@@ -194,10 +200,10 @@ def test_parquet_annotations(tmp_path):
 def test_resume_skips_finished_shards_and_keeps_counts(tmp_path):
     lines = [_line(image="ok.png", id=i) for i in range(10)]
     run, first = _run(tmp_path, lines, shard_lines=3)
-    marker = run.marker_path("ingest", run.shards()[1])
-    marker.unlink()  # as if the run died after writing shard 1 but before its marker
+    shard = run.shards()[1]
+    run.marker_path("ingest", shard).unlink()  # as if the run died before its marker
     run2, second = _run(tmp_path, lines, shard_lines=3)
-    assert second.shards_skipped == first.shards - 1
+    assert second.redone == [shard] and second.shards_skipped == first.shards - 1
     assert (second.rows_in, second.rows_kept) == (10, 10)
     assert len(run2.read("samples")) == 10
 
@@ -210,8 +216,8 @@ def test_count_invariant_on_demo(ingested_run):
     kept = {(s["dataset"], s["line"]) for s in run.read("samples").to_pylist()}
     assert not rejected_ids & kept
     assert len(rejected_ids) + len(kept) == stats["rows_in"]
-    for ds, (n_in, n_kept, n_rej) in stats["by_dataset"].items():
-        assert n_in == n_kept + n_rej, ds
+    for ds, (n_in, n_kept, n_rej, n_flagged) in stats["by_dataset"].items():
+        assert n_in == n_kept + n_rej and n_flagged <= n_kept, ds
 
 
 def test_meta_errors(tmp_path):
@@ -254,3 +260,27 @@ def test_parquet_shards_read_only_their_row_groups(tmp_path):
     ids = [orjson.loads(r["extra"])["id"] for r in b.read("samples").to_pylist()]
     assert ids == list(range(23)) and len(b.shards()) == 5
     assert [s["line"] for s in a.read("samples").to_pylist()] == list(range(1, 24))
+
+
+def test_dataset_names_that_are_not_file_names_keep_their_own_shards(tmp_path):
+    """Names whose shard files would collide (``a b`` / ``a_b``) or be hidden (``.x``)."""
+    names = ["a_b", "a b", "a/b", ".hidden", "..", "x" * 300]
+    meta = {}
+    for k, name in enumerate(names):
+        ann = tmp_path / f"ann{k}.jsonl"
+        lines = [
+            orjson.dumps({"conversations": [{"from": "human", "value": f"{k}.{i}"}, OK_TURNS[1]]})
+            for i in range(k + 1)
+        ]
+        ann.write_bytes(b"\n".join(lines) + b"\n")
+        meta[name] = {"root": ".", "annotation": ann.name}
+    (tmp_path / "meta.json").write_bytes(orjson.dumps(meta))
+    run = RunFolder(tmp_path / "run")
+    summary = ingest(str(tmp_path / "meta.json"), run, IngestConfig())
+    assert summary.by_dataset == {n: [k + 1, k + 1, 0, 0] for k, n in enumerate(names)}
+    assert len(run.shards()) == len(names) and run.shards() == sorted(run.markers("ingest"))
+    assert not any(s.startswith(".") for s in run.shards())
+    assert run.shards()[:1] == ["a_b-00000"]  # a plain name keeps its plain shard names
+    assert sorted(run.read("samples")["dataset"].to_pylist()) == sorted(
+        n for k, n in enumerate(names) for _ in range(k + 1)
+    )
