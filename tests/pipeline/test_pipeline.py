@@ -1,0 +1,52 @@
+"""A pipeline file made into engine stages; single commands refuse stale or missing inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from curate.core.engine import StageOrderError
+from curate.pipeline.config import validate
+from curate.pipeline.run import Pipeline, build_stages
+
+
+def _config(run, demo_dir, tokenizer_dir, **filter_cfg):
+    return validate(
+        {
+            "run": str(run),
+            "meta": str(demo_dir / "meta.json"),
+            "models": {"tokenizer": str(tokenizer_dir)},
+            "stages": {
+                "ingest": {"shard_lines": 40},
+                "budget": {},
+                "filter": {"workers": 1, **filter_cfg},
+                "pack": {"max_tokens": 8192, "max_tiles": 40},
+            },
+        },
+        "test",
+    )
+
+
+def test_sections_become_engine_stages_in_order(tmp_path, demo_dir, tokenizer_dir):
+    names = [s.name for s in build_stages(_config(tmp_path, demo_dir, tokenizer_dir))]
+    assert names == ["ingest", "budget", "repeat", "duplicates", "filter", "tokenize", "pack"]
+    pack = build_stages(_config(tmp_path, demo_dir, tokenizer_dir))[-1]
+    assert pack.respects == ("filter",) and pack.requires == ()
+
+
+def test_single_command_refuses_missing_then_stale_upstream(tmp_path, demo_dir, tokenizer_dir):
+    run = tmp_path / "run"
+    p = Pipeline(_config(run, demo_dir, tokenizer_dir))
+    with pytest.raises(StageOrderError, match="ingest"):
+        p.run_section("filter")
+    p.run_stages()
+    stricter = {"rules": {"zero_run": {"threshold": 5, "severity": "reject"}}}
+    changed = Pipeline(_config(run, demo_dir, tokenizer_dir, **stricter))
+    with pytest.raises(StageOrderError, match="filter is not up to date .*settings changed"):
+        changed.run_section("pack")
+    planned = {item.plan.stage: item for item in changed.plan()}
+    assert planned["filter"].plan.todo and planned["pack"].waits_for == "filter"
+    assert not planned["budget"].plan.todo and not planned["budget"].waits_for
+    changed.run_section("filter")
+    summary = changed.run_section("pack")["pack"]
+    assert summary.redone == ["all"]
+    assert not any(item.plan.todo for item in changed.plan())
