@@ -155,7 +155,8 @@ class Pipeline:
     def run_stages(self, names: list[str] | None = None) -> dict[str, StageSummary]:
         """Bring stages up to date in pipeline order; returns each one's totals."""
         summaries = {}
-        self.run.record_info(pipeline=self.config.model_dump(mode="json"))
+        # Absolute paths: a later command may run from another directory.
+        self.run.record_info(pipeline=absolute_paths(self.config).model_dump(mode="json"))
         for name in names or self.names:
             stage = self.engine.stages[name]
             try:
@@ -217,6 +218,7 @@ def open_pipeline(
 def absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """The pipeline with its run folder, meta file and model paths made absolute."""
     models = {k: v.resolve() for k, v in config.models if v is not None}
+    # (stage sections keep their own relative paths, e.g. report.out: resolved where used)
     return config.model_copy(
         update={
             "run": config.run.resolve(),
