@@ -216,13 +216,19 @@ def open_pipeline(
 
 
 def absolute_paths(config: PipelineConfig) -> PipelineConfig:
-    """The pipeline with its run folder, meta file and model paths made absolute."""
-    models = {k: v.resolve() for k, v in config.models if v is not None}
-    # (stage sections keep their own relative paths, e.g. report.out: resolved where used)
-    return config.model_copy(
-        update={
-            "run": config.run.resolve(),
-            "meta": config.meta.resolve(),
-            "models": config.models.model_copy(update=models),
-        }
-    )
+    """The pipeline with every path in it (run, meta, models, stage settings) made absolute."""
+    return _resolve_paths(config)
+
+
+def _resolve_paths(model):
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    update = {}
+    for name, value in model:
+        if isinstance(value, Path):
+            update[name] = value.resolve()
+        elif isinstance(value, BaseModel):
+            update[name] = _resolve_paths(value)
+    return model.model_copy(update=update)
