@@ -28,11 +28,20 @@ def _filter(run: RunFolder, summary: StageSummary) -> None:
     console.print(rule_table(rule_rows(run, summary)))
 
 
-def _score(run: RunFolder, summary: StageSummary) -> None:
+def _score(run: RunFolder, summary: StageSummary, stage=None) -> None:
     from curate.cli.score import distribution_table
     from curate.stages.score.stage import score_distribution
 
     console.print(distribution_table(score_distribution(run)))
+    stats = getattr(stage, "engine_stats", None)
+    if stats is not None and stats.requests:
+        hit = "n/a" if stats.cache_hit_rate is None else f"{stats.cache_hit_rate:.1%}"
+        rate = stage.samples_scored / stats.seconds if stats.seconds else 0.0
+        console.print(
+            f"score: {stage.samples_scored} samples, {stats.requests} requests, "
+            f"{stats.seconds:.1f} s in the engine ({rate:.1f} samples/s), "
+            f"prefix-cache hit rate {hit}"
+        )
 
 
 def _pack(run: RunFolder, summary: StageSummary) -> None:
@@ -48,14 +57,37 @@ def _train(run: RunFolder, summary: StageSummary) -> None:
     print_result(summary.report)
 
 
+def report_table(report: dict) -> Table:
+    """What the report shows: sample status after review, and the gallery's extent."""
+    t = Table(title="report")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    status = " / ".join(f"{report.get(s, 0):,}" for s in ("keep", "reject", "flag"))
+    shown = f"{report.get('shown', 0):,} / {report.get('not_shown', 0):,}"
+    rows = [
+        ("samples", f"{report.get('samples', 0):,}"),
+        ("keep / reject / flag", status),
+        ("ledger rows", f"{report.get('ledger_rows', 0):,}"),
+        ("review decisions", f"{report.get('decisions', 0):,}"),
+        ("plots", str(report.get("plots", 0))),
+        ("gallery rules", str(report.get("rules", 0))),
+        ("samples shown / not shown", shown),
+        ("size", f"{report.get('bytes', 0) / 1024:,.0f} KiB"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
 def _report(run: RunFolder, summary: StageSummary) -> None:
+    if summary.report:
+        console.print(report_table(summary.report))
     console.print(f"[bold]report:[/bold] {summary.report.get('path')}")
 
 
 AFTER: dict[str, Callable[[RunFolder, StageSummary], None]] = {
     "repeat": _budget,
     "filter": _filter,
-    "score": _score,
     "pack": _pack,
     "train": _train,
     "report": _report,
@@ -69,7 +101,9 @@ def show_summaries(pipeline, summaries: dict[str, StageSummary]) -> None:
             console.print(summary_table(summary))
             if summary.by_rule:
                 console.print(rules_table(summary))
-        if name in AFTER:
+        if name == "score":
+            _score(pipeline.run, summary, pipeline.engine.stages[name])
+        elif name in AFTER:
             AFTER[name](pipeline.run, summary)
 
 

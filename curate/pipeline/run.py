@@ -141,6 +141,8 @@ class Pipeline:
     def check_upstream(self, names: list[str]) -> None:
         """Refuse to run ``names`` on stale or missing earlier stages (single commands)."""
         first = self.names.index(names[0])
+        if first == 0:
+            return
         for planned in self.plan(self.names[:first]):
             plan = planned.plan
             if plan.blocked:

@@ -436,6 +436,7 @@ class ScoreStage(ShardStage):
         self.scorer: Scorer | None = None
         self.on_chunk: Callable[[list[Job], EngineStats], None] | None = None
         self.samples_scored = 0
+        self.engine_stats: EngineStats | None = None
 
     @property
     def table(self) -> str:
@@ -478,6 +479,7 @@ class ScoreStage(ShardStage):
 
     def close(self) -> None:
         if self.scorer is not None:
+            self.engine_stats = self.scorer.stats  # requests, tokens, prefix-cache hits
             self.scorer.close()
             self.scorer = None
 

@@ -1,5 +1,5 @@
-"""Fixtures of the score tests: a small run, one vLLM engine and one server for the engine
-tests.
+"""Fixtures of the score tests: a small filtered run, one vLLM engine and one server for the
+engine tests.
 
 The engine (vLLM on the CPU, the tiny random judge) is made once and shared: starting it and
 compiling its kernels takes most of the time these tests need.
@@ -38,17 +38,36 @@ def judge(demo_models) -> Path:
     return demo_models["judge"]
 
 
-@pytest.fixture(scope="session")
-def small_run(ingested_run, tmp_path_factory) -> Path:
-    """The ingested demo run cut to three shards (read-only: copy it before writing)."""
-    run = tmp_path_factory.mktemp("runs") / "small"
-    shutil.copytree(ingested_run, run)
+def keep_shards(run: Path, keep) -> None:
+    """Cut an ingested run folder to the ``keep`` shards (samples and their ingest markers)."""
     for p in (run / "samples").glob("*.parquet"):
-        if p.stem not in SMALL_SHARDS:
+        if p.stem not in keep:
             p.unlink()
     for p in (run / "_done" / "ingest").glob("*.json"):
-        if p.stem not in SMALL_SHARDS:
+        if p.stem not in keep:
             p.unlink()
+
+
+def filter_run(run: Path) -> None:
+    """Run the filter section (duplicates, then the rules) with default settings: the score
+    stage reads its results."""
+    from curate.stages.filters.config import FilterConfig
+    from curate.stages.filters.dedup import DuplicatesStage
+    from curate.stages.filters.stage import FilterStage
+    from tests.conftest import run_stages
+
+    cfg = FilterConfig()
+    run_stages(run, DuplicatesStage(cfg), FilterStage(cfg))
+
+
+@pytest.fixture(scope="session")
+def small_run(ingested_run, tmp_path_factory) -> Path:
+    """The ingested demo run cut to three shards and filtered (read-only: copy it before
+    writing)."""
+    run = tmp_path_factory.mktemp("runs") / "small"
+    shutil.copytree(ingested_run, run)
+    keep_shards(run, SMALL_SHARDS)
+    filter_run(run)
     return run
 
 
@@ -142,3 +161,35 @@ def judge_server_started(judge, tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_server(judge_server_started) -> str:
     return judge_server_started.wait_ready()
+
+
+def planted_filter(run: Path, reject, suspect) -> None:
+    """Stand in for the filter stage in ``run`` (through the engine): the samples at position
+    ``i`` of their shard with ``reject(i)`` are rejected, those with ``suspect(i)`` are
+    repetition suspects."""
+    import pyarrow as pa
+
+    from curate.core.records import LedgerEntry, ledger_table
+    from curate.core.stage import ShardOutput, ShardStage
+    from tests.conftest import run_stages
+
+    class PlantedFilter(ShardStage):
+        name = "filter"
+        reads = ("ingest",)
+
+        def settings(self) -> dict:
+            return {"planted": True}
+
+        def process(self, shard):
+            rows = shard.table("samples", ["sample_id", "dataset", "line"]).to_pylist()
+            entries = []
+            for i, r in enumerate(rows):
+                r["decision"] = "reject" if reject(i) else "keep"
+                r["repetition_suspect"] = bool(suspect(i))
+                if reject(i):
+                    entries.append(
+                        LedgerEntry(r["sample_id"], r["dataset"], r["line"], "filter", "planted")
+                    )
+            return ShardOutput(pa.Table.from_pylist(rows), ledger_table(entries))
+
+    run_stages(run, PlantedFilter(None))

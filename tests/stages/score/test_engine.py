@@ -2,8 +2,9 @@
 
 Random weights make the scores meaningless, so these tests check mechanics: every request
 gives a valid score, label probabilities equal a transformers forward pass, requests sharing
-a prompt hit the prefix cache, thresholds reach the ledger, an interrupted run resumes to the
-same output, and the OpenAI-compatible server agrees with the offline engine.
+a prompt hit the prefix cache, thresholds reach the ledger (re-decided from the memo, without
+a request), an interrupted run resumes from the memo to the same output, and the
+OpenAI-compatible server agrees with the offline engine.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from __future__ import annotations
 import math
 import shutil
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from curate.core.folder import RunFolder
-from curate.stages.score.stage import STAGE, cache_path, score_run
-from tests.score.conftest import score_config
+from curate.core.memo import Memo
+from curate.stages.score.stage import CACHE_SCHEMA, STAGE, ScoreStage
+from tests.conftest import run_stages
+from tests.stages.score.conftest import planted_filter, score_config
 
 pytestmark = pytest.mark.slow
+
+# The small run's filters kept every sample and found no repetition suspect: scope "all" gives
+# every sample both checks.
+SCOPE = {"repetition_scope": "all"}
 
 
 def _copy(src, tmp_path, name="run"):
@@ -28,32 +34,63 @@ def _copy(src, tmp_path, name="run"):
     return RunFolder(dst)
 
 
+def cache_path(run: RunFolder, shard: str):
+    return Memo(run, STAGE, shard, CACHE_SCHEMA).path
+
+
+def score(run, cfg, scorer=None, judge=None, on_chunk=None):
+    """Run the score stage through the engine (with the shared engine unless ``judge``)."""
+    stage = ScoreStage(cfg, judge or scorer.model)
+    stage.scorer = scorer
+    stage.on_chunk = on_chunk
+    return run_stages(run, stage)[STAGE], stage
+
+
+class Delta:
+    """Engine totals since it was made (the shared engine keeps counting across tests)."""
+
+    def __init__(self, stats) -> None:
+        self.stats = stats
+        self.start = (stats.requests, stats.prompt_tokens, stats.cached_tokens)
+
+    @property
+    def requests(self) -> int:
+        return self.stats.requests - self.start[0]
+
+    @property
+    def cache_hit_rate(self) -> float:
+        prompt = self.stats.prompt_tokens - self.start[1]
+        return (self.stats.cached_tokens - self.start[2]) / prompt
+
+
 @pytest.fixture(scope="module")
 def scored(small_run, scorer, tmp_path_factory):
     """The small run scored once, uninterrupted, with default thresholds."""
     run = _copy(small_run, tmp_path_factory.mktemp("scored"))
-    summary, report = score_run(run, score_config(), scorer=scorer)
-    return run, summary, report
+    engine = Delta(scorer.stats)
+    summary, _ = score(run, score_config(**SCOPE), scorer)
+    return run, summary, engine
 
 
 def test_every_request_gives_a_valid_score(scored, judge_server_started):
     # (judge_server_started: the server boots in the background while these tests run.)
-    run, summary, report = scored
+    run, summary, engine = scored
     samples = run.read("samples")
     scores = run.read("scores")
     assert scores.num_rows == samples.num_rows == summary.rows_in
     assert summary.rows_in == summary.rows_kept + summary.rows_rejected
+    assert sorted(summary.redone) == run.shards("samples") == sorted(run.markers(STAGE))
+    assert run.stats(STAGE)["rows_in"] == summary.rows_in
     rows = scores.to_pylist()
     for r in rows:
-        for check in ("quality", "repetition"):  # no filter results: everything is checked
+        for check in ("quality", "repetition"):  # scope all: everything is checked
             assert r[f"{check}_score"] in range(11) and r[f"{check}_reason"] is None
             assert math.isclose(sum(r[f"{check}_probs"]), 1.0, abs_tol=1e-5)
             expected = sum(s * p for s, p in enumerate(r[f"{check}_probs"]))
             assert r[f"{check}_expected"] == pytest.approx(expected, abs=1e-4)
     assert {r["quality_prompt"] for r in rows} == {"chart", "programming", "disciplinary"}
-    assert report.requests >= 2 * samples.num_rows  # plus the follow-ups
-    assert report.cache_hit_rate > 0.5
-    assert run.stats("score_engine")["cache_hit_rate"] == report.cache_hit_rate
+    assert engine.requests >= 2 * samples.num_rows  # plus the follow-ups
+    assert engine.cache_hit_rate > 0.5
     cached = sum(pq.read_table(cache_path(run, s)).num_rows for s in run.shards("samples"))
     assert cached == 2 * samples.num_rows  # raw results kept for re-deciding
 
@@ -114,10 +151,14 @@ def test_label_probabilities_equal_a_transformers_forward_pass(small_run, scorer
 
 def test_thresholds_reach_the_ledger(scored, scorer, tmp_path):
     run = _copy(scored[0].path, tmp_path)
-    cfg = score_config(quality_thresholds={"chart": 11}, repetition_thresholds={"code_text": 11})
-    summary, report = score_run(run, cfg, scorer=scorer)
-    # New thresholds: every shard is decided again, from the cached raw scores.
-    assert summary.shards_skipped == 0 and report.requests == 0
+    cfg = score_config(
+        quality_thresholds={"chart": 11}, repetition_thresholds={"code_text": 11}, **SCOPE
+    )
+    engine = Delta(scorer.stats)
+    summary, _ = score(run, cfg, scorer)
+    # New thresholds: every shard is decided again, from the memo's raw scores.
+    assert summary.shards_skipped == 0 and sorted(summary.redone) == run.shards("samples")
+    assert engine.requests == 0
     scores = run.read("scores").to_pylist()
     ledger = run.ledger("score").to_pylist()
     chart = [r for r in scores if r["domain"] == "chart"]
@@ -134,24 +175,18 @@ def test_thresholds_reach_the_ledger(scored, scorer, tmp_path):
     assert {e["sample_id"] for e in rep} == {r["sample_id"] for r in code}
     assert all(e["severity"] == "flag" for e in rep)
     # Re-running skips every finished shard.
-    again, report = score_run(run, cfg, scorer=scorer)
-    assert again.shards_skipped == again.shards and report.requests == 0
+    again, _ = score(run, cfg, scorer)
+    assert again.redone == [] and again.shards_skipped == again.shards == 3
+    assert engine.requests == 0
+    assert (again.rows_rejected, again.rows_flagged) == (len(chart), len(code))
 
 
 def test_filter_rejects_are_skipped_and_only_suspects_get_the_repetition_check(
     small_run, scorer, tmp_path
 ):
     run = _copy(small_run, tmp_path)
-    for shard in run.shards("samples"):
-        ids = run.read("samples", [shard])["sample_id"].to_pylist()
-        decision = ["reject" if i % 5 == 0 else "keep" for i in range(len(ids))]
-        suspect = [i % 3 == 0 for i in range(len(ids))]
-        (run.path / "filter").mkdir(exist_ok=True)
-        pq.write_table(
-            pa.table({"sample_id": ids, "decision": decision, "repetition_suspect": suspect}),
-            run.shard_path("filter", shard),
-        )
-    summary, _ = score_run(run, score_config(), scorer=scorer)
+    planted_filter(run.path, reject=lambda i: i % 5 == 0, suspect=lambda i: i % 3 == 0)
+    summary, _ = score(run, score_config(), scorer)
     for shard in run.shards("samples"):
         ids = run.read("samples", [shard])["sample_id"].to_pylist()
         rows = {r["sample_id"]: r for r in run.read("scores", [shard]).to_pylist()}
@@ -161,6 +196,10 @@ def test_filter_rejects_are_skipped_and_only_suspects_get_the_repetition_check(
                 assert rows[sid]["repetition_checked"] == (i % 3 == 0)
                 assert (rows[sid]["repetition_score"] is None) == (i % 3 != 0)
     assert summary.rows_in == run.read("scores").num_rows
+    # The filter's rejections are its own: score neither counts nor ledgers them.
+    rejected = {e["sample_id"] for e in run.ledger("filter").to_pylist()}
+    assert rejected and not rejected & {e["sample_id"] for e in run.ledger(STAGE).to_pylist()}
+    assert summary.rows_in + len(rejected) == run.read("samples").num_rows
 
 
 class Interrupted(Exception):
@@ -170,7 +209,7 @@ class Interrupted(Exception):
 def test_interrupted_run_resumes_to_the_same_output(small_run, scorer, scored, tmp_path):
     reference, _, _ = scored
     run = _copy(small_run, tmp_path)
-    cfg = score_config(batch_size=32)
+    cfg = score_config(batch_size=32, **SCOPE)
     chunks = {"n": 0}
 
     def stop_after_three(jobs, stats):
@@ -179,7 +218,7 @@ def test_interrupted_run_resumes_to_the_same_output(small_run, scorer, scored, t
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        score_run(run, cfg, on_chunk=stop_after_three, scorer=scorer)
+        score(run, cfg, scorer, on_chunk=stop_after_three)
     done_shards = [s for s in run.shards("samples") if run.marker_path(STAGE, s).exists()]
     partial = [
         s for s in run.shards("samples") if cache_path(run, s).exists() and s not in done_shards
@@ -195,8 +234,9 @@ def test_interrupted_run_resumes_to_the_same_output(small_run, scorer, scored, t
     def count(jobs, stats):
         seen["main"] += len(jobs)
 
-    score_run(run, cfg, on_chunk=count, scorer=scorer)
+    summary, _ = score(run, cfg, scorer, on_chunk=count)
     assert seen["main"] == total - already  # only the missing requests were scored
+    assert sorted(summary.redone) == sorted(set(run.shards("samples")) - set(done_shards))
     got, want = run.read("scores"), reference.read("scores")
     assert got.column_names == want.column_names
     for name in got.column_names:
@@ -217,6 +257,7 @@ def _close(a, b, tol) -> bool:
 
 
 def _one_shard(src, tmp_path, keep="chart_qa-00000"):
+    """A copy of ``src`` whose score stage sees one shard (the others' samples are gone)."""
     run = _copy(src, tmp_path)
     for shard in run.shards("samples"):
         if shard != keep:
@@ -227,8 +268,11 @@ def _one_shard(src, tmp_path, keep="chart_qa-00000"):
 def test_server_agrees_with_the_offline_engine(small_run, scored, judge, judge_server, tmp_path):
     reference, _, _ = scored
     run = _one_shard(small_run, tmp_path)
-    cfg = score_config(engine="openai", server_url=judge_server, concurrency=8)
-    summary, report = score_run(run, cfg, judge)
+    cfg = score_config(engine="openai", server_url=judge_server, concurrency=8, **SCOPE)
+    summary, stage = score(run, cfg, judge=judge)  # its own scorer: the server's client
+    client = stage.scorer
+    stage.close()  # as a pipeline does
+    assert stage.scorer is None and client.engine is None
     got = run.read("scores").to_pylist()
     want = reference.read("scores", ["chart_qa-00000"]).to_pylist()
     assert [r["sample_id"] for r in got] == [r["sample_id"] for r in want]
@@ -237,38 +281,61 @@ def test_server_agrees_with_the_offline_engine(small_run, scored, judge, judge_s
         assert g["repetition_score"] == w["repetition_score"]
         assert g["quality_probs"] == pytest.approx(w["quality_probs"], abs=1e-4)
         assert g["repetition_probs"] == pytest.approx(w["repetition_probs"], abs=1e-4)
-    assert report.requests > 2 * len(got)  # the follow-ups went through the server too
-    assert report.cache_hit_rate is not None and report.cache_hit_rate > 0.3
+    assert summary.redone == ["chart_qa-00000"] and summary.rows_in == len(got)
+    stats = client.stats  # kept after the engine closed
+    assert stats.requests > 2 * len(got)  # the follow-ups went through the server too
+    assert stats.cache_hit_rate is not None and stats.cache_hit_rate > 0.3
 
 
-def test_cli_scores_through_the_server(small_run, judge, judge_server, tmp_path):
+def test_cli_scores_through_the_server(demo_dir, judge, judge_server, tmp_path):
+    """`curate score` with the judge behind a server, on a run ingested and filtered by
+    `curate run` (one dataset: a meta JSON of the demo's code_text alone)."""
+    import json
+
     from typer.testing import CliRunner
 
     from curate.cli.main import app
 
-    run = _one_shard(small_run, tmp_path, keep="code_text-00000")
-    result = CliRunner().invoke(
-        app,
-        [
-            "score",
-            "--run",
-            str(run.path),
-            "--model",
-            str(judge),
-            "--engine",
-            "openai",
-            "--server-url",
-            judge_server,
-            "--max-model-len",
-            "2048",
-            "--batch-size",
-            "64",
-        ],
+    meta = json.loads((demo_dir / "meta.json").read_text())["code_text"]
+    for key in ("root", "annotation"):
+        meta[key] = str(demo_dir / meta[key])
+    meta_path = tmp_path / "meta.json"
+    meta_path.write_text(json.dumps({"code_text": meta}))
+    run = RunFolder(tmp_path / "run")
+    pipeline = tmp_path / "pipeline.yaml"  # JSON is YAML
+    pipeline.write_text(
+        json.dumps(
+            {
+                "run": str(run.path),
+                "meta": str(meta_path),
+                "stages": {"ingest": {"shard_lines": 40}, "filter": {}},
+            }
+        )
     )
-    assert result.exit_code == 0, result.output
+    score_sets = [
+        "engine=openai",
+        f"server_url={judge_server}",
+        "max_model_len=2048",
+        "batch_size=64",
+        "repetition_scope=all",
+    ]
+    commands = [
+        ["run", str(pipeline)],
+        # No --config: the pipeline the run last ran with, plus a score section.
+        ["score", "--run", str(run.path), "--judge", str(judge)]
+        + [arg for kv in score_sets for arg in ("--set", kv)],
+    ]
+    for args in commands:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (args[0], result.output)
+    assert "score redone 1 of 1 shards" in result.output
     assert "quality scores per domain" in result.output
-    assert "samples/s" in result.output and "prefix-cache hit rate" in result.output
-    assert run.read("scores").num_rows == run.read("samples").num_rows
+    ledger = run.ledger("filter").to_pylist()
+    filtered = {e["sample_id"] for e in ledger if e["severity"] == "reject"}
+    scores = run.read("scores").to_pylist()
+    assert len(scores) + len(filtered) == run.read("samples").num_rows
+    assert all(r["quality_score"] in range(11) and r["repetition_checked"] for r in scores)
+    assert run.info()["pipeline"]["stages"]["score"]["engine"] == "openai"
 
 
 def test_closing_the_engine_gives_torch_its_threads_back(scorer):

@@ -1,7 +1,7 @@
 """Prompt files, rendering, and the rendered prompts checked against golden files.
 
 Regenerate the golden files after a deliberate prompt change with
-``CURATE_UPDATE_GOLDEN=1 pytest tests/score/test_prompts.py`` and review the diff.
+``CURATE_UPDATE_GOLDEN=1 pytest tests/stages/score/test_prompts.py`` and review the diff.
 """
 
 from __future__ import annotations
