@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -18,8 +19,12 @@ console = Console(width=None if Console().is_terminal else 160)
 
 
 def fail(message: str) -> None:
-    """One red line and exit status 2."""
-    console.print(f"[red]error:[/red] {message}")
+    """One red line and exit status 2.
+
+    The message is printed as it is: never wrapped (a long path stays on the error line, so
+    ``grep error:`` finds all of it) and never read as markup (``[...]`` in a message stays).
+    """
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -148,7 +148,7 @@ def pack(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def train(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train InternVL on the run's packs (stages 1, 1.5, 2): checkpoints, metrics, loss plot.
 
-    Multi-GPU: ``torchrun --nproc-per-node 8 -m curate.cli.train --run RUN``.
+    Multi-GPU: ``torchrun --nproc-per-node 8 -m -- curate.cli.train --run RUN``.
     """
     from curate.cli.train import train_ranks, under_torchrun
 

@@ -1,10 +1,10 @@
 """What ``curate train`` prints, and training under torchrun (one process per GPU).
 
-Multi-GPU: ``torchrun --nproc-per-node 8 -m curate.cli.train --run RUN [--config P]``. Every
-rank trains; the run folder's lock and the engine's bookkeeping are not used there (ranks
-coordinate through torch.distributed, and a second rank would be refused the lock): run
-``curate pack`` first, and ``curate run`` afterwards records nothing new for training
-unless its settings or packs changed.
+Multi-GPU: ``torchrun --nproc-per-node 8 -m -- curate.cli.train --run RUN [--config P]`` (the
+``--`` keeps torchrun from reading ``--run``). Every rank trains; the run folder's lock and the
+engine's bookkeeping are not used there (ranks coordinate through torch.distributed, and a
+second rank would be refused the lock): run ``curate pack`` first. ``curate run`` does not see
+a torchrun training as done: leave ``train`` out of the pipeline file you rerun.
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ class ReportStage(GlobalStage):
                 "bytes": result.bytes,
                 "samples": int(status["samples"].sum()),
                 **{s: int(status[s].sum()) for s in ("keep", "reject", "flag")},
+                "ledger_rows": len(tables.ledger),
+                "decisions": len(tables.decisions),
+                "plots": result.plots,
+                "rules": result.rules,
                 "shown": result.shown,
                 "not_shown": result.not_shown,
                 "by_dataset": {

@@ -1,8 +1,9 @@
 """The training loop: stages, AdamW + cosine, accumulation, checkpoints, resume, metrics.
 
 Run it with ``curate train --run DIR`` (one process) or under torchrun
-(``torchrun --nproc-per-node N -m curate.cli.train --run DIR``): DDP by default, FSDP2 with
-``--distributed fsdp2``; NCCL on GPUs, gloo on CPUs.
+(``torchrun --nproc-per-node N -m -- curate.cli.train --run DIR``; the ``--`` keeps torchrun
+from reading ``--run`` as its own ``--run-path``): DDP by default, FSDP2 with
+``--set distributed=fsdp2``; NCCL on GPUs, gloo on CPUs.
 
 A step's loss is ``Σ w·CE / Σ w`` over every micro-batch of every rank, with Σw known up front
 from the manifest (``data.StepLayout``), so 1 rank × 2 accumulation steps and 2 ranks × 1 give

@@ -1,55 +1,94 @@
 """The pack stage on the budgeted demo run: coverage, caps, manifest consistency, review,
-determinism, over-cap handling, export."""
+determinism, over-cap handling, outcome rows, export."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import orjson
 import polars as pl
 import pytest
 
-from curate.stages.budget.stage import load_tokenizer
 from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, IMG_END, IMG_START
+from curate.core.folder import RunFolder
+from curate.core.io import read_json
+from curate.core.status import add_decisions
+from curate.stages.budget.stage import load_tokenizer
 from curate.stages.pack.config import PackConfig
 from curate.stages.pack.export import export_hf, export_internvl
 from curate.stages.pack.manifest import tiles_of
-from curate.stages.pack.stage import run_pack, truncate_row
-from curate.core.status import add_decisions
-from curate.core.folder import RunFolder
+from curate.stages.pack.stage import PackStage, truncate_row
+from curate.stages.pack.tokenize import TokenizeStage
+from tests.conftest import run_stages
+
+CFG = dict(max_tokens=8192, max_tiles=40, packs_per_shard=7)
+
+
+def pack(run: RunFolder, cfg: PackConfig, tokenizer, respects=("filter", "score")):
+    """Tokenize and pack ``run`` through the engine; returns pack's StageSummary."""
+    stages = (TokenizeStage(cfg, tokenizer), PackStage(cfg, tokenizer, respects=respects))
+    return run_stages(run, *stages)["pack"]
 
 
 @pytest.fixture(scope="module")
 def packed(budgeted_run, tokenizer_dir, tmp_path_factory):
-    import shutil
-
     run = tmp_path_factory.mktemp("pack") / "run"
     shutil.copytree(budgeted_run, run)
-    report = run_pack(
-        RunFolder(run), PackConfig(max_tokens=8192, max_tiles=40, packs_per_shard=7), tokenizer_dir
-    )
-    return RunFolder(run), report
+    summary = pack(RunFolder(run), PackConfig(**CFG), tokenizer_dir)
+    return RunFolder(run), summary.report
 
 
 def _manifest(run: RunFolder) -> list[dict]:
     return run.read("packs").to_pylist()
 
 
+def _packed_ids(run: RunFolder) -> set[str]:
+    return {s for p in _manifest(run) for s in p["sample_ids"]}
+
+
+def _copies(run: RunFolder) -> dict[str, int]:
+    path = run.path / "repeat" / "copies.parquet"
+    return dict(pl.read_parquet(path).select("sample_id", "copies").iter_rows())
+
+
 def test_every_copy_exactly_once_and_caps(packed):
     run, report = packed
     packs = _manifest(run)
-    copies = dict(
-        pl.read_parquet(run.path / "repeat" / "copies.parquet")
-        .select("sample_id", "copies")
-        .iter_rows()
-    )
+    copies = _copies(run)
     seen = pl.Series([s for p in packs for s in p["sample_ids"]]).value_counts()
     assert dict(seen.iter_rows()) == {k: v for k, v in copies.items() if v > 0}
     assert all(p["n_tokens"] <= 8192 and p["n_tiles"] <= 40 for p in packs)
-    assert report.packs == len(packs) and len(run.shards("packs")) == -(-len(packs) // 7)
-    assert report.ratio_to_lower_bound <= 1.1
+    assert report["packs"] == len(packs) and len(run.shards("packs")) == -(-len(packs) // 7)
+    assert report["ratio_to_lower_bound"] <= 1.1
     zero = sum(1 for v in copies.values() if v == 0)  # math_text has repeat_time 0.5
-    assert report.samples_not_drawn == zero > 0
-    assert report.samples_packed == len({s for p in packs for s in p["sample_ids"]})
+    assert report["samples_not_drawn"] == zero > 0
+    assert report["samples_packed"] == len({s for p in packs for s in p["sample_ids"]})
+    # The report is saved with the stage's stats and its marker.
+    assert read_json(run.stats_path("pack"))["report"] == report
+    assert run.marker("pack", "all")["report"] == report
+
+
+def test_outcome_rows_say_what_was_packed(packed):
+    """pack/all.parquet: one row per kept sample with its copies packed; the engine's counts
+    agree with the report."""
+    run, report = packed
+    outcomes = run.read("pack").to_pylist()
+    assert len(outcomes) == len({o["sample_id"] for o in outcomes}) == report["samples_in"]
+    seen = pl.Series([s for p in _manifest(run) for s in p["sample_ids"]]).value_counts()
+    packed_copies = dict(seen.iter_rows())
+    for o in outcomes:
+        assert o["copies"] == packed_copies.get(o["sample_id"], 0)
+    assert sum(o["copies"] for o in outcomes) == report["copies_packed"]
+    assert sum(o["copies"] > 0 for o in outcomes) == report["samples_packed"]
+    assert sum(o["copies"] == 0 for o in outcomes) == report["samples_not_drawn"]
+    assert not any(o["truncated"] for o in outcomes)
+    lines = {s["sample_id"]: s["line"] for s in run.read("samples").to_pylist()}
+    assert all(o["line"] == lines[o["sample_id"]] for o in outcomes)
+    stats = read_json(run.stats_path("pack"))
+    assert stats["kind"] == "global" and stats["rows_in"] == report["samples_in"]
+    assert stats["rows_rejected"] == report["samples_rejected"] == 0
+    assert stats["rows_kept"] == stats["rows_in"]
 
 
 def test_lengths_images_and_labels_agree(packed, tokenizer_dir):
@@ -71,32 +110,70 @@ def test_lengths_images_and_labels_agree(packed, tokenizer_dir):
         assert p["n_tiles"] == sum(tiles_of(im) for im in p["images"])
 
 
-def test_same_seed_same_manifest(packed, tokenizer_dir, run_copy):
+def test_same_seed_same_manifest(packed, budgeted_run, tokenizer_dir, run_copy):
     run, _ = packed
-    again = RunFolder(run_copy(run.path))
-    run_pack(again, PackConfig(max_tokens=8192, max_tiles=40, packs_per_shard=7), tokenizer_dir)
+    again = RunFolder(run_copy(budgeted_run))
+    summary = pack(again, PackConfig(**CFG), tokenizer_dir)
+    assert summary.redone == ["all"]
     assert again.read("packs").equals(run.read("packs"))
-    run_pack(
-        again, PackConfig(max_tokens=8192, max_tiles=40, packs_per_shard=7, seed=1), tokenizer_dir
-    )
+    assert pack(again, PackConfig(**CFG), tokenizer_dir).redone == []  # up to date: skipped
+    summary = pack(again, PackConfig(**CFG, seed=1), tokenizer_dir)
+    assert summary.redone == ["all"]
     assert not again.read("packs").equals(run.read("packs"))
 
 
 def test_over_cap_samples_go_to_ledger(budgeted_run, tokenizer_dir, run_copy):
     run = RunFolder(run_copy(budgeted_run))
-    report = run_pack(run, PackConfig(max_tokens=3000, max_tiles=12), tokenizer_dir)
+    summary = pack(run, PackConfig(max_tokens=3000, max_tiles=12), tokenizer_dir)
+    report = summary.report
     ledger = run.ledger("pack").to_pylist()
-    assert report.samples_rejected == len(ledger) > 0
+    assert (run.path / "ledger" / "pack" / "all.parquet").exists()
+    assert report["samples_rejected"] == len(ledger) > 0
     assert {e["rule"] for e in ledger} == {"over_token_cap", "over_tile_cap"}
     for e in ledger:
+        assert e["stage"] == "pack" and e["severity"] == "reject"
         assert e["value"] > e["threshold"] and "caps 3000 tokens, 12 tiles" in e["detail"]
-    packed_ids = {s for p in _manifest(run) for s in p["sample_ids"]}
+    packed_ids = _packed_ids(run)
     assert not packed_ids & {e["sample_id"] for e in ledger}
-    assert report.samples_in == (
-        report.samples_packed + report.samples_not_drawn + report.samples_rejected
+    assert report["samples_in"] == (
+        report["samples_packed"] + report["samples_not_drawn"] + report["samples_rejected"]
     )
+    assert report["samples_packed"] == len(packed_ids)
     lines = {s["sample_id"]: s["line"] for s in run.read("samples").to_pylist()}
     assert all(e["line"] == lines[e["sample_id"]] for e in ledger)
+    # The engine counts the rejects as pack's own, by rule; the outcome rows leave them out.
+    assert summary.rows_rejected == len(ledger)
+    assert summary.rows_kept + summary.rows_rejected == summary.rows_in == report["samples_in"]
+    by_rule = {f"reject:{r}": sum(e["rule"] == r for e in ledger) for r in {"over_token_cap"}}
+    assert summary.by_rule["reject:over_token_cap"] == by_rule["reject:over_token_cap"]
+    assert not {o["sample_id"] for o in run.read("pack").to_pylist()} & {
+        e["sample_id"] for e in ledger
+    }
+
+
+def test_status_comes_from_upstream_only(packed, budgeted_run, tokenizer_dir, run_copy):
+    """Pack's own over-cap rejects never count against a sample on the next run: at a larger
+    cap the first rerun packs them, as a fresh run at that cap does."""
+    fresh_run, fresh = packed
+    run = RunFolder(run_copy(budgeted_run))
+    small = pack(run, PackConfig(**{**CFG, "max_tokens": 2000}), tokenizer_dir).report
+    over_cap = {e["sample_id"] for e in run.ledger("pack").to_pylist()}
+    assert small["samples_rejected"] == len(over_cap) > 0
+    assert not over_cap & _packed_ids(run)
+    assert small["samples_in"] == fresh["samples_in"]  # pack's ledger is not its input
+
+    summary = pack(run, PackConfig(**CFG), tokenizer_dir)
+    assert summary.redone == ["all"]
+    report = summary.report
+    assert over_cap <= _packed_ids(run)
+    assert report["samples_rejected"] == fresh["samples_rejected"] == 0
+    assert run.ledger("pack").num_rows == 0
+    assert report["samples_packed"] == fresh["samples_packed"] > small["samples_packed"]
+    assert report == fresh
+    # The small cap's extra manifest shards went with the swap: the manifest is a fresh run's.
+    assert run.read("packs").equals(fresh_run.read("packs"))
+    assert run.shards("packs") == fresh_run.shards("packs")
+    assert not (run.path / ".staging" / "pack").exists()
 
 
 def test_truncate_never_cuts_inside_an_image():
@@ -118,12 +195,19 @@ def test_truncate_mode_packs_long_samples(budgeted_run, tokenizer_dir, run_copy)
     run = RunFolder(run_copy(budgeted_run))
     # Text-only answers longer than 200 tokens are cut; image samples whose cut leaves no
     # answer (images come first) are rejected instead.
-    report = run_pack(
+    report = pack(
         run, PackConfig(max_tokens=200, max_tiles=40, over_cap="truncate"), tokenizer_dir
-    )
-    assert report.samples_truncated > 0 and report.samples_rejected > 0
+    ).report
+    assert report["samples_truncated"] > 0 and report["samples_rejected"] > 0
     assert all(p["n_tokens"] <= 200 for p in _manifest(run))
     assert all(s > 0 for p in _manifest(run) for s in p["supervised"])
+    # Outcome rows mark the truncated samples; they are packed, not in the ledger.
+    outcomes = run.read("pack").to_pylist()
+    truncated = {o["sample_id"] for o in outcomes if o["truncated"]}
+    assert len(truncated) == report["samples_truncated"]
+    drawn = {o["sample_id"] for o in outcomes if o["truncated"] and o["copies"] > 0}
+    assert drawn and drawn <= _packed_ids(run)
+    assert not truncated & {e["sample_id"] for e in run.ledger("pack").to_pylist()}
 
 
 def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run_copy):
@@ -149,10 +233,11 @@ def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run
         run.ledger_path("filter", "manual"),
     )
     cfg = PackConfig(max_tokens=8192, max_tiles=40)
-    run_pack(run, cfg, tokenizer_dir)
-    ids = {s for p in _manifest(run) for s in p["sample_ids"]}
+    report = pack(run, cfg, tokenizer_dir).report
+    ids = _packed_ids(run)
     assert restored["sample_id"] not in ids and flagged["sample_id"] not in ids
     assert victim["sample_id"] in ids
+    assert report["samples_excluded"] == {"reject": 1, "flag": 1}
     add_decisions(
         run,
         [
@@ -160,33 +245,33 @@ def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run
             {"sample_id": victim["sample_id"], "decision": "reject", "note": "bad"},
         ],
     )
-    run_pack(run, cfg, tokenizer_dir)
-    ids = {s for p in _manifest(run) for s in p["sample_ids"]}
+    assert pack(run, cfg, tokenizer_dir).redone == ["all"]  # a decision is one of pack's inputs
+    ids = _packed_ids(run)
     assert restored["sample_id"] in ids and victim["sample_id"] not in ids
     assert flagged["sample_id"] not in ids  # flagged and unreviewed: not packed by default
     add_decisions(run, [{"dataset": flagged["dataset"], "rule": "y", "decision": "keep"}])
-    run_pack(run, cfg, tokenizer_dir)
-    assert flagged["sample_id"] in {s for p in _manifest(run) for s in p["sample_ids"]}
+    pack(run, cfg, tokenizer_dir)
+    assert flagged["sample_id"] in _packed_ids(run)
 
 
 def test_internvl_algorithm_by_name(budgeted_run, tokenizer_dir, run_copy, packed):
     run = RunFolder(run_copy(budgeted_run))
-    report = run_pack(
+    report = pack(
         run, PackConfig(max_tokens=8192, max_tiles=40, algorithm="internvl"), tokenizer_dir
-    )
-    assert report.algorithm == "internvl" and report.packs >= packed[1].packs
+    ).report
+    assert report["algorithm"] == "internvl" and report["packs"] >= packed[1]["packs"]
 
 
 def test_export_internvl_round_trip(packed, tmp_path):
     from curate.stages.ingest.config import IngestConfig
-    from curate.stages.ingest.stage import ingest
+    from curate.stages.ingest.stage import IngestStage
 
     run, _ = packed
     meta = export_internvl(run, tmp_path / "export")
     spec = orjson.loads(meta.read_bytes())
     assert spec["doc_ocr"]["repeat_time"] == 2.0 and spec["chart_qa"]["max_dynamic_patch"] == 6
     again = RunFolder(tmp_path / "again")
-    summary = ingest(str(meta), again, IngestConfig())
+    summary = run_stages(again, IngestStage(IngestConfig(), meta))["ingest"]
     assert summary.rows_rejected == 0 and summary.rows_in == len(run.read("samples"))
     before = {
         (s["dataset"], tuple(i["path"] for i in s["images"]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.stages.budget.tiling import count_tiles, dynamic_preprocess, has_thumbnail, select_grid
 from curate.core.chat import IGNORE_INDEX
+from curate.stages.budget.tiling import count_tiles, dynamic_preprocess, has_thumbnail, select_grid
 from curate.stages.train.data import (
     JPEG_QUALITIES,
     PackBatches,

@@ -13,7 +13,7 @@ import torch
 from curate.stages.train.config import TrainConfig
 from curate.stages.train.loop import STAGES, cosine_with_warmup, train
 from curate.stages.train.model import part_modules
-from tests.train.conftest import make_tiny_packs
+from tests.stages.train.conftest import make_tiny_packs
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_stage2_loss.json"
 
@@ -128,45 +128,68 @@ def test_resume_continues_the_same_curve(small_packs, train_tokenizer, tmp_path)
     assert logged == pytest.approx(full.losses, rel=1e-6, abs=0)
 
 
-def test_cli_train(small_packs, train_tokenizer, tmp_path):
+# --- the train stage in a run folder (packs made by the pack stage) --------------------------
+
+PACK = {"max_tokens": 2048, "max_tiles": 8, "packs_per_shard": 8}
+
+
+def _pipeline_raw(run: Path, demo_dir: Path, tokenizer: Path, train: dict | None) -> dict:
+    """The pipeline the packed demo run was made with (see ``demo_packed_run``), plus train."""
+    return {
+        "run": str(run),
+        "meta": str(demo_dir / "meta.json"),
+        "models": {"tokenizer": str(tokenizer)},
+        "stages": {"ingest": {"shard_lines": 40}, "budget": {}, "pack": PACK, "train": train},
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_packed_run(budgeted_run, tokenizer_dir, tmp_path_factory) -> Path:
+    """The budgeted demo run packed into small packs by the engine (read-only: copy it)."""
+    import shutil
+
+    from curate.stages.pack.config import PackConfig
+    from curate.stages.pack.stage import PackStage
+    from curate.stages.pack.tokenize import TokenizeStage
+    from tests.conftest import run_stages
+
+    run = tmp_path_factory.mktemp("train_run") / "run"
+    shutil.copytree(budgeted_run, run)
+    cfg = PackConfig(**PACK)
+    run_stages(run, TokenizeStage(cfg, tokenizer_dir), PackStage(cfg, tokenizer_dir))
+    return run
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train(demo_packed_run, demo_dir, tokenizer_dir, run_copy, tmp_path):
+    import yaml
     from typer.testing import CliRunner
 
     from curate.cli.main import app
 
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--packs",
-            str(small_packs),
-            "--out",
-            str(tmp_path / "o"),
-            "--tokenizer",
-            str(train_tokenizer),
-            "--steps",
-            "1",
-            "--workers",
-            "0",
-            "--stage",
-            "1",
-            "--lr",
-            "1e-3",
-        ],
-    )
+    run = run_copy(demo_packed_run)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(_pipeline_raw(run, demo_dir, tokenizer_dir, {})))
+    sets = ["steps=1", "workers=0", "stage=1", "lr=1e-3"]
+    args = ["train", "--run", str(run), "--config", str(pipeline)]
+    result = CliRunner().invoke(app, [*args, *(x for s in sets for x in ("--set", s))])
     assert result.exit_code == 0, result.output
     assert "train: 1 optimizer steps" in result.output
-    assert (tmp_path / "o" / "metrics.jsonl").exists()
-    bad = CliRunner().invoke(
-        app, ["train", "--packs", str(small_packs), "--out", str(tmp_path / "o"), "--stage", "3"]
-    )
+    assert len(_metrics(run / "train")) == 1
+    assert (run / "_done" / "train" / "all.json").exists()
+    # Without --config the command uses the pipeline the run recorded; a bad value is an error.
+    bad = CliRunner().invoke(app, ["train", "--run", str(run), "--set", "stage=3"])
     assert bad.exit_code == 2
+    assert "run.json" in bad.output and "stages.train.stage" in bad.output
 
 
-def test_pipeline_train_stage(tiny_run, train_tokenizer):
-    """The pipeline section validates and its runner trains in RUN/train."""
-    from curate.pipeline.config import ModelsConfig, PipelineConfig, StagesConfig
-    from curate.pipeline.run import STAGE_RUNNERS, PipelineContext
-    from curate.core.folder import RunFolder
+def test_pipeline_train_stage(demo_packed_run, demo_dir, tokenizer_dir, run_copy):
+    """The pipeline section validates and its stage trains in RUN/train."""
+    from curate.pipeline.config import StagesConfig, validate
+    from curate.pipeline.run import Pipeline
 
     stages = StagesConfig.model_validate(
         {"train": {"flavor": "debug", "stage": 1, "steps": 1, "workers": 0}}
@@ -174,27 +197,100 @@ def test_pipeline_train_stage(tiny_run, train_tokenizer):
     assert stages.train.stage == "1"
     with pytest.raises(ValueError, match="stepz"):
         StagesConfig.model_validate({"train": {"stepz": 3}})
-    config = PipelineConfig.model_construct(
-        run=tiny_run,
-        meta=tiny_run / "meta.json",
-        stages=stages,
-        models=ModelsConfig(tokenizer=train_tokenizer),
-    )
-    summary = STAGE_RUNNERS["train"](PipelineContext(config, RunFolder(tiny_run)))
-    assert summary.stage == "train"
-    assert (tiny_run / "train" / "metrics.jsonl").exists()
-    checkpoint = tiny_run / "train" / "checkpoints" / "step-0000001" / "model.safetensors"
+    run = run_copy(demo_packed_run)
+
+    def train_section(**train) -> object:
+        raw = _pipeline_raw(run, demo_dir, tokenizer_dir, {"flavor": "debug", **train})
+        return Pipeline(validate(raw, "test")).run_section("train")["train"]
+
+    summary = train_section(stage=1, steps=1, workers=0)
+    assert summary.stage == "train" and summary.redone == ["all"]
+    assert summary.report["optimizer_steps"] == 1 and not summary.report["resumed"]
+    assert (run / "train" / "metrics.jsonl").exists()
+    checkpoint = run / "train" / "checkpoints" / "step-0000001" / "model.safetensors"
     assert checkpoint.exists()
     # A pipeline rerun with the same settings and packs does not train again ...
     before = checkpoint.stat().st_mtime_ns
-    again = STAGE_RUNNERS["train"](PipelineContext(config, RunFolder(tiny_run)))
-    assert again.rows_in == 1 and checkpoint.stat().st_mtime_ns == before
-    # ... but other settings do.
-    stages2 = StagesConfig.model_validate(
-        {"train": {"flavor": "debug", "stage": 1, "steps": 2, "workers": 0}}
-    )
-    config2 = config.model_copy(update={"stages": stages2})
-    assert STAGE_RUNNERS["train"](PipelineContext(config2, RunFolder(tiny_run))).rows_in == 2
+    again = train_section(stage=1, steps=1, workers=0)
+    assert again.redone == [] and checkpoint.stat().st_mtime_ns == before
+    assert again.report["optimizer_steps"] == 1  # the recorded report
+    # ... nor does a change of a setting that changes speed, not results ...
+    assert train_section(stage=1, steps=1, workers=1).redone == []
+    # ... but other settings do, from scratch (the other settings' checkpoints are gone).
+    other = train_section(stage=1, steps=2, workers=0)
+    assert other.redone == ["all"] and other.report["optimizer_steps"] == 2
+    assert not other.report["resumed"] and not checkpoint.exists()
+    assert [r["step"] for r in _metrics(run / "train")] == [1, 2]
+
+
+def _stage(tokenizer: Path, stop_after: int | None = None, **kw):
+    from curate.stages.train.stage import TrainStage
+
+    base = dict(tokenizer=tokenizer, steps=3, lr=1e-3, warmup_steps=1, workers=0, drop_path=0.3)
+    stage = TrainStage(TrainConfig(**{**base, **kw}))
+    stage.stop_after = stop_after
+    return stage
+
+
+def _crash_after_one_step(run: Path, tokenizer: Path, **kw) -> None:
+    from curate.core.io import read_json
+    from curate.stages.train.stage import STAMP
+    from tests.conftest import run_stages
+
+    with pytest.raises(InterruptedError):
+        run_stages(run, _stage(tokenizer, stop_after=1, save_every=1, **kw))
+    assert not (run / "_done" / "train" / "all.json").exists()  # not done: redone next time
+    stamp = read_json(run / "train" / STAMP)
+    assert set(stamp) == {"settings", "packs"} and stamp["packs"]
+    assert (run / "train" / "checkpoints" / "step-0000001").is_dir()
+    assert len(_metrics(run / "train")) == 1
+
+
+def test_train_stage_resumes_after_a_crash(demo_packed_run, tokenizer_dir, tmp_path):
+    """A crash (stop_after) leaves checkpoints and the stamp; the rerun with the same settings
+    and packs continues from the checkpoint, to the curve of an uninterrupted run."""
+    import shutil
+
+    from tests.conftest import run_stages
+
+    full_run, run = tmp_path / "full", tmp_path / "crash"
+    shutil.copytree(demo_packed_run, full_run)
+    shutil.copytree(demo_packed_run, run)
+    full = run_stages(full_run, _stage(tokenizer_dir))["train"]
+    assert full.report["optimizer_steps"] == 3 and not full.report["resumed"]
+    expected = [r["loss"] for r in _metrics(full_run / "train")]
+    assert len(expected) == 3
+
+    _crash_after_one_step(run, tokenizer_dir)
+    resumed = run_stages(run, _stage(tokenizer_dir))["train"]
+    assert resumed.redone == ["all"]
+    assert resumed.report["resumed"] and resumed.report["optimizer_steps"] == 3
+    rows = _metrics(run / "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["loss"] for r in rows] == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("change", ["settings", "packs"])
+def test_train_stage_starts_over_when_the_stamp_differs(
+    change, demo_packed_run, tokenizer_dir, run_copy
+):
+    """Checkpoints of other settings or other packs are never resumed from."""
+    from curate.stages.pack.config import PackConfig
+    from curate.stages.pack.stage import PackStage
+    from tests.conftest import run_stages
+
+    run = run_copy(demo_packed_run)
+    _crash_after_one_step(run, tokenizer_dir)
+    kw = {}
+    if change == "settings":
+        kw["lr"] = 2e-3
+    else:  # the same samples packed in another order
+        cfg = PackConfig(**{**PACK, "seed": 1})
+        assert run_stages(run, PackStage(cfg, tokenizer_dir))["pack"].redone == ["all"]
+    summary = run_stages(run, _stage(tokenizer_dir, **kw))["train"]
+    assert not summary.report["resumed"] and summary.report["optimizer_steps"] == 3
+    assert [r["step"] for r in _metrics(run / "train")] == [1, 2, 3]
+    assert not (run / "train" / "checkpoints" / "step-0000001").exists()
 
 
 def _run_torchrun(args: list[str], nproc: int) -> None:
@@ -209,7 +305,9 @@ def _run_torchrun(args: list[str], nproc: int) -> None:
         "--nproc-per-node",
         str(nproc),
         "-m",
-        "curate.stages.train",
+        # "--": torchrun's own parser would take --run for an ambiguous --run-path.
+        "--",
+        "curate.cli.train",
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -221,25 +319,35 @@ def _run_torchrun(args: list[str], nproc: int) -> None:
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp2"])
 def test_two_gloo_ranks_agree_with_one(distributed, small_packs, train_tokenizer, tmp_path):
     """torchrun, 2 CPU ranks (gloo), 1 pack each = 1 process accumulating 2 packs."""
+    import yaml
+
     from curate.stages.train.model import load_model
 
-    common = [
-        "--packs",
-        str(small_packs),
-        "--tokenizer",
-        str(train_tokenizer),
-        "--steps",
-        "2",
-        "--lr",
-        "2e-3",
-        "--warmup-steps",
-        "1",
-        "--drop-path",
-        "0",
-        "--workers",
-        "0",
+    meta = tmp_path / "meta.json"  # named by the pipeline; training does not read it
+    meta.write_text("{}")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "run": str(tmp_path / "run"),
+                "meta": str(meta),
+                "models": {"tokenizer": str(train_tokenizer)},
+                "stages": {"train": {}},
+            }
+        )
+    )
+    sets = [
+        f"packs={small_packs}",
+        f"out={tmp_path / 'two'}",
+        "steps=2",
+        "lr=2e-3",
+        "warmup_steps=1",
+        "drop_path=0",
+        "workers=0",
+        f"distributed={distributed}",
     ]
-    _run_torchrun([*common, "--out", str(tmp_path / "two"), "--distributed", distributed], 2)
+    args = ["--run", str(tmp_path / "run"), "--config", str(pipeline)]
+    _run_torchrun([*args, *(x for s in sets for x in ("--set", s))], 2)
     one = train(
         _cfg(small_packs, tmp_path / "one", train_tokenizer, steps=2, accum=2, drop_path=0.0),
         progress=False,

@@ -10,7 +10,7 @@ from curate.stages.train import model as m
 from curate.stages.train.data import PackBatches, StepLayout, read_packs
 from curate.stages.train.loss import PackedCausalLM, block_causal_mask
 from curate.stages.train.synthetic import image_entry, make_sample, write_packs
-from tests.train.conftest import make_tiny_packs
+from tests.stages.train.conftest import make_tiny_packs
 
 
 @pytest.fixture(scope="module")
