@@ -59,10 +59,13 @@ def run_section(
     from curate.pipeline.config import config_for_run
     from curate.pipeline.run import open_pipeline
 
-    with user_errors(), RunFolder(run).lock():
+    with user_errors():
+        if section != "ingest" and config is None and not (run / "run.json").exists():
+            fail(f"{run} is not a run folder (no run.json): give --config or run `curate ingest`")
         cfg = config_for_run(
             run, config, section=section, sets=sets, defaults=defaults, overrides=overrides
         )
+    with user_errors(), RunFolder(run).lock():
         with EngineProgress() as progress:
             pipeline = open_pipeline(cfg, progress)
             try:

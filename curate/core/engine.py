@@ -201,9 +201,13 @@ class Engine:
         marker = self.run.marker(stage, name)
         if marker is None:
             return Unit(name, inputs, fingerprint, "new", "not done yet")
-        if marker.get("fingerprint") == fingerprint:
-            return Unit(name, inputs, fingerprint, "done")
-        return Unit(name, inputs, fingerprint, "redo", _why(marker.get("inputs", {}), inputs))
+        if marker.get("fingerprint") != fingerprint:
+            return Unit(name, inputs, fingerprint, "redo", _why(marker.get("inputs", {}), inputs))
+        # A global stage's files must still be there (someone may have deleted report.html).
+        gone = [f for f in marker.get("files", {}) if not (self.run.path / f).exists()]
+        if gone:
+            return Unit(name, inputs, fingerprint, "redo", f"output missing: {gone[0]}")
+        return Unit(name, inputs, fingerprint, "done")
 
     # -- running --------------------------------------------------------------------------------
     def run_stages(self, names: Sequence[str] | None = None) -> dict[str, StageSummary]:

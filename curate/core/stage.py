@@ -116,12 +116,14 @@ class GlobalOutput:
     ``rows``: per-sample outcome (``sample_id``, ``dataset``, ``line`` + the stage's columns)
     for the samples it kept; ``ledger``: the ones it rejected. Both may be None for a stage
     that does not decide on samples (train, report). ``report``: the stage's own measures,
-    saved in its stats.
+    saved in its stats. ``written``: files it wrote itself (not under ``GlobalInput.out``),
+    which the engine hashes and checks are still there on the next run.
     """
 
     rows: pa.Table | None = None
     ledger: pa.Table | None = None
     report: dict = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)
 
 
 class Stage:

@@ -215,5 +215,5 @@ def pending_review(run: RunFolder) -> pl.DataFrame:
 
 def status_totals(run: RunFolder, flagged: str = "exclude") -> dict[str, int]:
     """How many samples are keep / reject / flag right now (``sample_status`` counted)."""
-    counts = dict(sample_status(run, flagged).group_by("status").len().iter_rows())
+    counts = dict(sample_status(run, flagged=flagged).group_by("status").len().iter_rows())
     return {s: int(counts.get(s, 0)) for s in ("keep", "reject", "flag")}

@@ -171,6 +171,8 @@ def config_for_run(
         if raw["stages"].get(section) is None:
             raw["stages"][section] = {}
     raw = apply_sets(raw, sets or [], f"stages.{section}" if section else "")
+    if sets:
+        source += " with --set " + " ".join(sets)
     if "meta" not in raw:
         raise PipelineError(
             f"{run} has not been ingested and no --config names a meta JSON: "

@@ -75,6 +75,7 @@ def build_stages(config: PipelineConfig, executor: Executor | None = None) -> li
             PackStage(s.pack, tokenizer, judged, ("score",) if s.score is not None else ()),
         ]
     if s.train is not None:
+        _needs(s.pack, "stages.pack (train trains on the packs)")
         stages.append(TrainStage(_train_config(config)))
     if s.report is not None:
         stages.append(ReportStage(s.report, tuple(st.name for st in stages)))

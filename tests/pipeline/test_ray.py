@@ -5,7 +5,7 @@ shared/VLLM_CPU.md found Ray needs) stands in for a cluster, and the judge runs 
 engine actor on the CPU (``num_gpus_per_engine: 0``). Outputs are compared by digest: every
 Parquet file's sorted rows, every marker and stats file without its timings; label
 probabilities, which vLLM does not reproduce to the last bit even between two local runs,
-to 1e-6.
+to 1e-6. The score stage on Ray is the pipeline's ``RayScorer`` (vLLM engine actors).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import orjson
@@ -24,15 +23,31 @@ import pyarrow.parquet as pq
 import pytest
 import xxhash
 
-from curate.pipeline.config import ExecutorConfig, PipelineConfig, load_pipeline
-from curate.core.executors import ExecutorError, RayExecutor, check_reachable, cluster_endpoint
+from curate.core.engine import Engine
+from curate.core.executors import (
+    ExecutorConfig,
+    ExecutorError,
+    RayExecutor,
+    check_reachable,
+    cluster_endpoint,
+)
+from curate.core.folder import RunFolder
+from curate.core.stage import ShardInput, ShardOutput
+from curate.pipeline.config import PipelineConfig, load_pipeline
+from curate.stages.ingest.config import IngestConfig
+from curate.stages.ingest.stage import IngestStage
 from curate.stages.score.ray_engine import split_contiguous
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The local engine computes with one thread per core; the engine actor gets as many CPUs (Ray
 # sets its OMP_NUM_THREADS from them), else logprobs differ in the last bits.
 THREADS = os.cpu_count() or 1
 TIMINGS = {"seconds", "engine_seconds", "samples_per_s", "shards_skipped"}
+# Hashes of files inside markers: the files themselves are compared (label probabilities to
+# PROB_TOL, so the hashes of score outputs, and of what reads them, may differ in the bits).
+FILE_HASHES = {"fingerprint", "output", "files"}
+# Where and how a pipeline ran, not what it made (run.json records the pipeline).
+WHERE = {"run", "executor"}
 
 
 # -- digests of a run folder -------------------------------------------------------------------
@@ -57,9 +72,19 @@ def table_digest(path: Path) -> str:
     return f"{len(rows)}:{xxhash.xxh3_64_hexdigest(b''.join(line + b'|' for line in lines))}"
 
 
+def _marker(data: dict) -> dict:
+    """A marker without file hashes: its settings hash and the names of its inputs stay."""
+    out = {k: v for k, v in data.items() if k not in FILE_HASHES}
+    if "inputs" in out:
+        out["inputs"] = {k: v if k == "settings" else "" for k, v in out["inputs"].items()}
+    if "files" in data:
+        out["files"] = sorted(data["files"])
+    return out
+
+
 def run_digest(run: Path) -> dict[str, str]:
     """Every output of a run folder by relative path: tables by sorted rows, JSON (markers,
-    stats, run.json) without timings."""
+    stats, run.json) without timings, file hashes and where the run folder was."""
     out = {}
     for p in sorted(run.rglob("*")):
         rel = str(p.relative_to(run))
@@ -69,8 +94,10 @@ def run_digest(run: Path) -> dict[str, str]:
             out[rel] = table_digest(p)
         elif p.suffix == ".json":
             data = _plain(orjson.loads(p.read_bytes()))
-            if rel.startswith("_done/tokenize/"):
-                data.pop("fingerprint")  # it hashes the budget markers, timings included
+            if rel.startswith("_done/"):
+                data = _marker(data)
+            elif rel == "run.json" and "pipeline" in data:
+                data["pipeline"] = {k: v for k, v in data["pipeline"].items() if k not in WHERE}
             out[rel] = xxhash.xxh3_64_hexdigest(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
     return out
 
@@ -261,14 +288,47 @@ def assert_tables_close(want: Path, got: Path) -> None:
             assert vb == pytest.approx(va, abs=PROB_TOL), (got, k)
 
 
+def run_pipeline(config: PipelineConfig, scorer: type) -> dict:
+    """Every stage of a pipeline brought up to date (as `curate run`); their summaries.
+
+    ``scorer``: the judge the pipeline's score stage must make (Scorer, or RayScorer on Ray)."""
+    from curate.pipeline.run import open_pipeline
+
+    pipeline = open_pipeline(config)
+    try:
+        make = pipeline.engine.stages["score"].make_scorer
+        assert getattr(make, "func", make) is scorer
+        return pipeline.run_stages()
+    finally:
+        pipeline.close()
+
+
+def test_the_score_stage_on_ray_uses_the_ray_scorer(demo_dir, demo_models, tmp_path):
+    from curate.pipeline.run import build_stages
+    from curate.stages.score.ray_engine import RayScorer
+    from curate.stages.score.stage import Scorer
+
+    meta = _subset_meta(demo_dir, tmp_path / "meta.json")
+    for kind, scorer in (("local", Scorer), ("ray", RayScorer)):
+        executor = RayExecutor(ExecutorConfig(kind="ray")) if kind == "ray" else None
+        config = _pipeline(meta, demo_models, tmp_path / kind, {"kind": kind})
+        (score,) = [s for s in build_stages(config, executor) if s.name == "score"]
+        made = getattr(score.make_scorer, "func", score.make_scorer)
+        assert made is scorer, kind
+        if executor is not None:
+            assert score.make_scorer.keywords == {"executor": executor}
+
+
 @pytest.mark.slow
 def test_ray_pipeline_equals_local(ray_cluster, demo_dir, demo_models, tmp_path):
-    from curate.pipeline.run import run_pipeline
+    from curate.stages.score.ray_engine import RayScorer
+    from curate.stages.score.stage import Scorer
 
     meta = _subset_meta(demo_dir, tmp_path / "meta.json")
     on_ray = {"kind": "ray", "num_gpus_per_engine": 0, "cpus_per_engine": THREADS}
-    local = run_pipeline(_pipeline(meta, demo_models, tmp_path / "local", {"kind": "local"}))
-    remote = run_pipeline(_pipeline(meta, demo_models, tmp_path / "ray", on_ray))
+    local_cfg = _pipeline(meta, demo_models, tmp_path / "local", {"kind": "local"})
+    local = run_pipeline(local_cfg, Scorer)
+    remote = run_pipeline(_pipeline(meta, demo_models, tmp_path / "ray", on_ray), RayScorer)
     assert ray_cluster.is_initialized()  # a Ray it did not start is left running
 
     want, got = run_digest(tmp_path / "local"), run_digest(tmp_path / "ray")
@@ -276,8 +336,12 @@ def test_ray_pipeline_equals_local(ray_cluster, demo_dir, demo_models, tmp_path)
         assert any(k.startswith(folder) for k in want), folder
     assert {
         "repeat/copies.parquet",
+        "repeat/budget_table.json",
         "stats/score.json",
         "ledger/score/chart_qa-00000.parquet",
+        "_done/score/chart_qa-00000.json",
+        "_done/pack/all.json",
+        "pack/all.parquet",
     } <= set(want)
     with_probs = ("scores/", "_cache/")
     assert {k: v for k, v in got.items() if not k.startswith(with_probs)} == {
@@ -289,57 +353,67 @@ def test_ray_pipeline_equals_local(ray_cluster, demo_dir, demo_models, tmp_path)
     for k in want:
         if k.startswith(with_probs) and k.endswith(".parquet"):
             assert_tables_close(tmp_path / "local" / k, tmp_path / "ray" / k)
+    # upstream of the judge, the very same files: every marker's output hash is equal
+    for stage in ("ingest", "budget", "repeat", "duplicates", "filter", "tokenize"):
+        outputs = [
+            {k: m["output"] for k, m in RunFolder(tmp_path / where).markers(stage).items()}
+            for where in ("local", "ray")
+        ]
+        assert outputs[0] and outputs[0] == outputs[1], stage
+    assert list(local) == list(remote)
     for stage, summary in local.items():
         counts = (summary.rows_in, summary.rows_kept, summary.rows_rejected, summary.by_rule)
         other = remote[stage]
         assert counts == (other.rows_in, other.rows_kept, other.rows_rejected, other.by_rule)
+        assert summary.redone == other.redone and summary.report == other.report, stage
     scores = pq.read_table(tmp_path / "ray" / "scores").to_pylist()
     assert len(scores) > 50 and all(r["quality_score"] in range(11) for r in scores)
 
 
 # -- a worker killed mid-shard ---------------------------------------------------------------------
-def kill_once(marker_dir: str, victim: str, process, shard: str):
-    """``process(shard)``, but the first attempt at ``victim`` SIGKILLs its own worker after
-    doing the work and before returning it."""
-    result = process(shard)
-    with open(Path(marker_dir) / "attempts.txt", "a") as f:
-        f.write(shard + "\n")
-    if shard == victim:
-        try:
-            os.close(os.open(Path(marker_dir) / "killed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return result  # the retry: finish normally
-        os.kill(os.getpid(), signal.SIGKILL)
-    return result
+class KillOnceIngest(IngestStage):
+    """Ingest, but the first attempt at shard ``victim`` SIGKILLs its own worker after doing
+    the work and before returning it; every attempt is logged in ``marker_dir``."""
+
+    def __init__(self, config: IngestConfig, meta: str, marker_dir: str, victim: str) -> None:
+        super().__init__(config, meta)
+        self.marker_dir = marker_dir
+        self.victim = victim
+
+    def process(self, shard: ShardInput) -> ShardOutput:
+        result = super().process(shard)
+        with open(Path(self.marker_dir) / "attempts.txt", "a") as f:
+            f.write(shard.shard + "\n")
+        if shard.shard == self.victim:
+            killed = Path(self.marker_dir) / "killed"
+            try:
+                os.close(os.open(killed, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return result  # the retry: finish normally
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
 
 
 @pytest.mark.slow
 def test_worker_killed_mid_shard_is_retried_without_losing_rows(
     ray_cluster, demo_dir, ingested_run, tmp_path
 ):
-    from curate.stages.ingest.config import IngestConfig
-    from curate.stages.ingest.meta import load_meta
-    from curate.stages.ingest.stage import plan, process_shard, save_run_info
-    from curate.core.folder import RunFolder, run_shards
-
     meta = str(demo_dir / "meta.json")
-    specs = load_meta(meta)
-    tasks, line_counts = plan(specs, 40)
+    cfg = IngestConfig(shard_lines=40)  # as the session's ingested_run
+    shards = IngestStage(cfg, meta).shards(RunFolder(tmp_path))
+    victim = sorted(shards)[3]
+    stage = KillOnceIngest(cfg, meta, str(tmp_path), victim)
     run = RunFolder(tmp_path / "run")
-    save_run_info(run, meta, specs, line_counts)
-    victim = sorted(tasks)[3]
-    process = partial(
-        kill_once,
-        str(tmp_path),
-        victim,
-        partial(process_shard, tasks, IngestConfig(shard_lines=40)),
-    )
     executor = RayExecutor(ExecutorConfig(kind="ray", max_retries=2))
-    summary = run_shards(run, "ingest", list(tasks), process, executor=executor)
+    with run.lock():
+        summary = Engine(run, [stage], executor).run_stage("ingest")
+    executor.close()
+    assert ray_cluster.is_initialized()  # a Ray it did not start is left running
 
     attempts = (tmp_path / "attempts.txt").read_text().split()
-    assert attempts.count(victim) == 2 and len(attempts) == len(tasks) + 1
-    assert summary.rows_in == sum(line_counts.values())
+    assert attempts.count(victim) == 2 and len(attempts) == len(shards) + 1
+    assert sorted(summary.redone) == sorted(shards) and len(run.markers("ingest")) == len(shards)
+    assert summary.rows_in == sum(d["lines"] for d in run.datasets().values())
     assert summary.rows_in == summary.rows_kept + summary.rows_rejected
     ids = run.read("samples").column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == summary.rows_kept  # none lost, none twice
@@ -348,6 +422,9 @@ def test_worker_killed_mid_shard_is_retried_without_losing_rows(
     }
     got = {k: v for k, v in run_digest(run.path).items() if k.startswith(("samples", "ledger"))}
     assert got == want  # the same shards as the local executor made
-    assert (
-        run.stats("ingest")["by_dataset"] == RunFolder(ingested_run).stats("ingest")["by_dataset"]
-    )
+    local = RunFolder(ingested_run)
+    assert run.stats("ingest")["by_dataset"] == local.stats("ingest")["by_dataset"]
+    # the same markers: a later local command finds every shard done
+    assert {k: m["output"] for k, m in run.markers("ingest").items()} == {
+        k: m["output"] for k, m in local.markers("ingest").items()
+    }

@@ -6,16 +6,19 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from curate.stages.budget.config import BudgetConfig
-from curate.stages.budget.stage import run_budget
-from curate.stages.filters.config import FilterConfig
-from curate.stages.filters.stage import run_filter
-from curate.stages.ingest.config import IngestConfig
-from curate.stages.ingest.stage import ingest
-from curate.stages.pack.config import PackConfig
-from curate.stages.pack.stage import run_pack
-from curate.core.status import sample_status
 from curate.core.folder import RunFolder
+from curate.core.status import sample_status
+from curate.stages.budget.config import BudgetConfig
+from curate.stages.budget.stage import BudgetStage, RepeatStage
+from curate.stages.filters.config import FilterConfig
+from curate.stages.filters.dedup import DuplicatesStage
+from curate.stages.filters.stage import FilterStage
+from curate.stages.ingest.config import IngestConfig
+from curate.stages.ingest.stage import IngestStage
+from curate.stages.pack.config import PackConfig
+from curate.stages.pack.stage import PackStage
+from curate.stages.pack.tokenize import TokenizeStage
+from tests.conftest import run_stages
 from tests.reliability.badcorpus import make_bad_corpus
 
 PER_KIND = 40  # 26 bad kinds x 40 = 1,040 bad lines, plus 80 good ones
@@ -26,11 +29,19 @@ def bad_run(tmp_path_factory, tokenizer_dir):
     out = tmp_path_factory.mktemp("bad")
     meta, expected = make_bad_corpus(out / "data", per_kind=PER_KIND)
     run = RunFolder(out / "run")
-    summaries = {
-        "ingest": ingest(str(meta), run, IngestConfig(shard_lines=250, max_line_bytes=64 * 1024)),
-        "budget": run_budget(run, BudgetConfig(), tokenizer_dir),
-        "filter": run_filter(run, FilterConfig(workers=1)),
-    }
+    ingest = IngestConfig(shard_lines=250, max_line_bytes=64 * 1024)
+    budget, filters = BudgetConfig(), FilterConfig(workers=1)
+    summaries = run_stages(
+        run,
+        IngestStage(ingest, meta),
+        BudgetStage(budget, tokenizer_dir),
+        RepeatStage(budget),
+        DuplicatesStage(filters),
+        FilterStage(filters),
+    )
+    # The sample stages (repeat and the duplicate pass decide on no sample: counts are None).
+    assert summaries["repeat"].rows_in is None and summaries["duplicates"].rows_in is None
+    summaries = {k: summaries[k] for k in ("ingest", "budget", "filter")}
     return run, expected, summaries
 
 
@@ -75,10 +86,21 @@ def test_good_lines_survive(bad_run):
 
 def test_pack_takes_exactly_the_kept_samples(bad_run, tokenizer_dir, run_copy):
     run = RunFolder(run_copy(bad_run[0].path))
-    report = run_pack(run, PackConfig(max_tokens=8192, max_tiles=48), tokenizer_dir)
+    cfg = PackConfig(max_tokens=8192, max_tiles=48)
+    summaries = run_stages(
+        run,
+        TokenizeStage(cfg, tokenizer_dir, BudgetConfig().image_size),
+        PackStage(cfg, tokenizer_dir, respects=("filter",)),
+    )
+    report = summaries["pack"].report
     keep = set(sample_status(run).filter(pl.col("status") == "keep")["sample_id"])
     packed = {s for p in run.read("packs").column("sample_ids").to_pylist() for s in p}
-    assert packed == keep and report.samples_in == len(keep) == report.samples_packed
+    assert packed == keep and report["samples_in"] == len(keep) == report["samples_packed"]
+    # Tokenize sees every ingested sample; pack's outcome rows are the kept ones, once each.
+    tokenize = summaries["tokenize"]
+    assert tokenize.rows_in == tokenize.rows_kept + tokenize.rows_rejected
+    assert tokenize.rows_in == bad_run[2]["ingest"].rows_kept
+    assert set(run.read("pack")["sample_id"].to_pylist()) == keep
 
 
 @pytest.mark.slow
@@ -86,7 +108,7 @@ def test_score_stage_scores_injections_instead_of_obeying(bad_run, demo_models, 
     """The judge answers through a constrained 0..10 choice: text telling it to answer 10
     gets a score like any other sample, and every scored row is a valid score."""
     from curate.stages.score.config import ScoreConfig
-    from curate.stages.score.stage import score_run
+    from curate.stages.score.stage import ScoreStage
 
     run = RunFolder(run_copy(bad_run[0].path))
     cfg = ScoreConfig(
@@ -96,7 +118,11 @@ def test_score_stage_scores_injections_instead_of_obeying(bad_run, demo_models, 
         batch_size=128,
         repetition_scope="all",
     )
-    summary, _ = score_run(run, cfg, demo_models["judge"])
+    stage = ScoreStage(cfg, demo_models["judge"])
+    try:
+        summary = run_stages(run, stage)["score"]
+    finally:
+        stage.close()
     assert summary.rows_in == summary.rows_kept + summary.rows_rejected
     scores = pl.from_arrow(run.read("scores")).join(
         pl.from_arrow(run.read("samples").select(["sample_id", "conversations"])), on="sample_id"

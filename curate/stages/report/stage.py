@@ -37,6 +37,7 @@ class ReportStage(GlobalStage):
         result = write_report(tables, cfg.out, per_rule=cfg.per_rule, thumb_px=cfg.thumbnail_px)
         status = status_counts(tables)
         return GlobalOutput(
+            written=[result.path],
             report={
                 "path": str(result.path.resolve()),
                 "bytes": result.bytes,
@@ -54,5 +55,5 @@ class ReportStage(GlobalStage):
                     .sort("dataset")
                     .iter_rows(named=True)
                 },
-            }
+            },
         )

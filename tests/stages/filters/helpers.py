@@ -10,9 +10,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from curate.core.folder import RunFolder
 from curate.core.io import write_json_atomic, write_parquet_atomic
 from curate.core.records import SAMPLE_SCHEMA
-from curate.core.folder import RunFolder
+from curate.stages.filters.config import FilterConfig
+from curate.stages.filters.dedup import DuplicatesStage
+from curate.stages.filters.stage import FilterStage
+from tests.conftest import run_stages
 
 _VOCABULARY = """the river bridge market garden station library harbor window bicycle lantern
 kitchen forest museum street tower quiet crowded bright narrow ancient modern small busy stands
@@ -90,13 +94,20 @@ def image(
 
 
 def make_run(root: Path, rows: list[dict], shard_size: int = 1000) -> RunFolder:
-    """A run folder holding ``rows`` as samples/ shards (and a run.json naming the datasets)."""
+    """A run folder holding ``rows`` as samples/ shards (and a run.json naming the datasets in
+    order of first appearance, as ingest records them). No ingest markers: the filter stages
+    run on these shards as they are."""
     run = RunFolder(root)
     datasets: dict[str, dict] = {}
     for r in rows:
         datasets.setdefault(r["dataset"], {"domain": r["domain"]})
-    write_json_atomic({"datasets": datasets}, root / "run.json")
+    write_json_atomic({"datasets": datasets, "dataset_order": list(datasets)}, root / "run.json")
     for k, start in enumerate(range(0, len(rows), shard_size)):
         table = pa.Table.from_pylist(rows[start : start + shard_size], schema=SAMPLE_SCHEMA)
         write_parquet_atomic(table, run.shard_path("samples", f"t-{k:05d}"))
     return run
+
+
+def run_filter(run: RunFolder | Path, cfg: FilterConfig):
+    """The filter section through the engine (duplicate pass, then rules): filter's summary."""
+    return run_stages(run, DuplicatesStage(cfg), FilterStage(cfg))["filter"]

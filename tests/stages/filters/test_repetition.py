@@ -26,7 +26,7 @@ from curate.stages.filters.repetition import (
     word_repetition_ratios,
 )
 from curate.stages.filters.rules import check_sample
-from tests.filters.helpers import prose, sample
+from tests.stages.filters.helpers import prose, sample
 
 # --- the peers' formulas, by hand ------------------------------------------------------------
 

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from curate.stages.filters.config import FilterConfig
 from curate.stages.filters.registry import RULES, RULES_BY_NAME
 from curate.stages.filters.rules import check_sample
-from curate.stages.filters.stage import FILTER_SCHEMA, run_filter
-from tests.filters.helpers import image, make_run, prose, sample
+from curate.stages.filters.stage import FILTER_SCHEMA
+from tests.stages.filters.helpers import image, make_run, prose, run_filter, sample
 
 rng = random.Random(0)
 LONG_WORDS = " ".join(f"w{i}" for i in range(250))

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from curate.cli.main import app
-from curate.stages.filters.config import FilterConfig
-from curate.stages.filters.stage import run_filter
 from curate.core.folder import RunFolder
+from curate.stages.filters.config import FilterConfig
+from tests.stages.filters.helpers import run_filter
 
 # Planted by curate/demo/data.py `_plant_bad_samples` (those ingest passes on): id -> rules.
 PLANTED = {
@@ -67,30 +67,66 @@ def test_demo_counts(demo_filtered):
     assert stats["rows_flagged"] == summary.rows_flagged > 0
 
 
-def test_cli_smoke(ingested_run, tmp_path):
+def test_cli_smoke(ingested_run, demo_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ingested_run, run)
+    config = tmp_path / "pipeline.yaml"
+    # The ingest settings ingested_run was made with: ingest is up to date, filter may run.
+    config.write_text(
+        f"run: {run}\nmeta: {demo_dir / 'meta.json'}\n"
+        "stages:\n  ingest: {shard_lines: 40}\n"
+        "  filter:\n    workers: 1\n    rules: {zero_run: {severity: reject}}\n"
+    )
+    shards = len(RunFolder(run).shards("samples"))
+    result = CliRunner().invoke(app, ["filter", "--run", str(run), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "zero_run" in result.output and "samples per dataset and rule" in result.output
+    assert f"filter redone {shards} of {shards} shards" in result.output
+    ledger = RunFolder(run).ledger("filter").to_pylist()
+    assert {e["severity"] for e in ledger if e["rule"] == "zero_run"} == {"reject"}
+    # Same settings again (now from run.json, no --config): nothing is redone.
+    again = CliRunner().invoke(app, ["filter", "--run", str(run)])
+    assert again.exit_code == 0, again.output
+    assert f"filter up to date ({shards} shards)" in again.output
+    assert "duplicates up to date (1 runs)" in again.output
+    # Worker count changes speed, not results: still nothing to redo.
+    workers = CliRunner().invoke(app, ["filter", "--run", str(run), "--set", "workers=2"])
+    assert workers.exit_code == 0 and f"filter up to date ({shards} shards)" in workers.output
+    # Other settings: every filter shard runs again (the duplicate pass does not), and
+    # zero_run is back to flag.
+    other = CliRunner().invoke(
+        app, ["filter", "--run", str(run), "--set", "rules.zero_run.severity=flag"]
+    )
+    assert other.exit_code == 0, other.output
+    assert f"filter redone {shards} of {shards} shards" in other.output
+    assert "duplicates up to date" in other.output
+    ledger = RunFolder(run).ledger("filter").to_pylist()
+    assert {e["severity"] for e in ledger if e["rule"] == "zero_run"} == {"flag"}
+
+
+def test_cli_errors(ingested_run, demo_dir, tmp_path):
+    # A run folder never ingested, with no pipeline to say what to ingest.
+    result = CliRunner().invoke(app, ["filter", "--run", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "has not been ingested" in result.output
+    # A pipeline whose ingest is not what the run folder holds: filter refuses to run on it.
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(ingested_run, run)
     config = tmp_path / "pipeline.yaml"
     config.write_text(
-        f"run: {run}\nmeta: {tmp_path}/meta.json\ndemo: {{dir: {tmp_path}}}\n"
-        "stages:\n  filter:\n    workers: 1\n    rules: {zero_run: {severity: reject}}\n"
+        f"run: {run}\nmeta: {demo_dir / 'meta.json'}\n"
+        "stages:\n  ingest: {shard_lines: 15}\n  filter: {}\n"
     )
-    result = CliRunner().invoke(app, ["filter", "--run", str(run), "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    assert "zero_run" in result.output and "samples per dataset and rule" in result.output
-    ledger = RunFolder(run).ledger("filter").to_pylist()
-    assert {e["severity"] for e in ledger if e["rule"] == "zero_run"} == {"reject"}
-    again = CliRunner().invoke(app, ["filter", "--run", str(run), "--config", str(config)])
-    assert again.exit_code == 0 and "(10 of 10" in again.output
-    # Other settings (here the defaults): the stage runs again, zero_run back to flag.
-    other = CliRunner().invoke(app, ["filter", "--run", str(run), "--workers", "1"])
-    assert other.exit_code == 0 and "(0 of 10" in other.output
-    ledger = RunFolder(run).ledger("filter").to_pylist()
-    assert {e["severity"] for e in ledger if e["rule"] == "zero_run"} == {"flag"}
-
-
-def test_cli_errors(tmp_path):
-    result = CliRunner().invoke(app, ["filter", "--run", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "no samples/" in result.output
+    stale = CliRunner().invoke(app, ["filter", "--run", str(run), "--config", str(config)])
+    assert stale.exit_code == 2 and "ingest is not up to date" in stale.output, stale.output
+    assert not (run / "filter").exists()
+    # An override naming no dataset or domain of the run is a typo.
+    config.write_text(
+        f"run: {run}\nmeta: {demo_dir / 'meta.json'}\nstages:\n  ingest: {{shard_lines: 40}}\n"
+        "  filter: {overrides: {no_such_dataset: {zero_run: {threshold: 3}}}}\n"
+    )
+    typo = CliRunner().invoke(app, ["filter", "--run", str(run), "--config", str(config)])
+    assert typo.exit_code == 2 and "unknown datasets/domains" in typo.output, typo.output

@@ -20,9 +20,10 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from curate.core.folder import RunFolder
 from curate.core.io import write_parquet_atomic
 from curate.core.records import LedgerEntry, ledger_table
-from curate.core.folder import RunFolder
+from tests.conftest import run_stages
 
 HOSTILE = "<script>alert(1)</script>\"><img src=x onerror=alert(2)> run of 'a'"
 HOSTILE_CONVERSATION = '<script>alert(1)</script>"><img src=x onerror="alert(2)">'
@@ -126,11 +127,22 @@ def make_hostile_conversation(run: RunFolder, sample_id: str) -> None:
 def planted_run(budgeted_run, tokenizer_dir, tmp_path_factory) -> tuple[Path, dict]:
     """The budgeted demo run with planted ledgers, scores and packs (read-only: copy it)."""
     from curate.stages.pack.config import PackConfig
-    from curate.stages.pack.stage import run_pack
 
     path = tmp_path_factory.mktemp("inspect") / "planted"
     shutil.copytree(budgeted_run, path)
     run = RunFolder(path)
     ids = plant(run)
-    run_pack(run, PackConfig(max_tokens=8192, max_tiles=40), tokenizer_dir)
+    pack(run, PackConfig(max_tokens=8192, max_tiles=40), tokenizer_dir)
     return path, ids
+
+
+def pack(run: RunFolder, cfg, tokenizer_dir: Path):
+    """Tokenize and pack ``run`` through the engine, respecting the planted filter and score
+    ledgers (and the review decisions); returns the pack stage's summary."""
+    from curate.stages.pack.stage import PackStage
+    from curate.stages.pack.tokenize import TokenizeStage
+
+    summaries = run_stages(
+        run, TokenizeStage(cfg, tokenizer_dir), PackStage(cfg, tokenizer_dir, ("filter", "score"))
+    )
+    return summaries["pack"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from curate.core.status import current_decisions
 from curate.core.folder import RunFolder
+from curate.core.status import current_decisions
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "inspect_rejected.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[3] / "notebooks" / "inspect_rejected.ipynb"
 
 
 def _outputs(nb) -> tuple[str, list[dict]]:

@@ -10,19 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from curate.cli.main import app
+from curate.core.folder import RunFolder
 from curate.pipeline.config import load_pipeline
 from curate.stages.report.config import ReportConfig
 from curate.stages.report.write import write_report
-from curate.core.folder import RunFolder
-from tests.inspect.conftest import make_hostile_conversation
-from tests.inspect.test_html import parse
+from tests.conftest import run_stages
+from tests.stages.report.conftest import make_hostile_conversation
+from tests.stages.report.test_html import parse
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 )
@@ -79,16 +81,40 @@ def test_gallery_per_rule_with_values_and_cap(hostile_report):
     assert html.index("many_rule (flag)</a>") < html.index("char_run (reject)</a>")
 
 
-def test_report_command_and_default_cap(planted_run, tmp_path):
-    path, ids = planted_run
+def _report_pipeline(tmp_path: Path, meta: Path, **report) -> Path:
+    """A pipeline file that ingests the demo as the session fixture did, then reports."""
+    p = tmp_path / "report.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "run": "unused",  # a command's --run wins
+                "meta": str(meta),
+                "stages": {"ingest": {"shard_lines": 40}, "report": report},
+            }
+        )
+    )
+    return p
+
+
+def test_report_command_and_default_cap(planted_run, run_copy, demo_dir, tmp_path):
+    path = run_copy(planted_run[0])
     out = tmp_path / "r.html"
-    result = runner.invoke(app, ["report", str(path), "--out", str(out)])
+    pipeline = _report_pipeline(tmp_path, demo_dir / "meta.json")
+    args = ["report", "--run", str(path), "--config", str(pipeline), "--set", f"out={out}"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert str(out.resolve()) in "".join(result.output.split()) and out.stat().st_size > 10_000
     assert "gallery rules" in result.output
-    assert not (path / "report.html").exists()  # --out respected, the run untouched
-    bad = runner.invoke(app, ["report", str(tmp_path / "none")])
-    assert bad.exit_code == 2 and "no samples/" in bad.output
+    assert not (path / "report.html").exists()  # out respected, no report in the run
+    assert RunFolder(path).stats("report")["report"]["path"] == str(out.resolve())
+    # the same inputs again: nothing to redo, the report is where it was
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "report up to date" in " ".join(again.output.split())
+    # no run folder there: one line, exit 2
+    bad = runner.invoke(app, ["report", "--run", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and bad.output.startswith("error:")
+    assert "not been ingested" in bad.output and "Traceback" not in bad.output
     assert ReportConfig().per_rule == 24
 
 
@@ -98,22 +124,40 @@ def test_report_on_an_ingest_only_run(ingested_run, tmp_path):
 
 
 def test_pipeline_ends_with_the_report(planted_run, run_copy, capsys):
-    from curate.pipeline.config import PipelineConfig, StagesConfig
-    from curate.pipeline.run import STAGE_RUNNERS, PipelineContext
+    from types import SimpleNamespace
 
-    assert list(STAGE_RUNNERS)[-1] == "report"
+    from curate.cli.show import show_summaries
+    from curate.core.status import add_decisions
+    from curate.pipeline.run import build_stages
+    from curate.stages.report.stage import ReportStage
+
     demo = load_pipeline(REPO / "pipelines" / "demo.yaml", check_paths=False)
     assert demo.stages.report == ReportConfig()
+    stages = build_stages(demo)
+    assert stages[-1].name == "report"
+    # the report reads every stage before it: a change anywhere rewrites it
+    assert stages[-1].reads == tuple(s.name for s in stages[:-1])
+
     path = run_copy(planted_run[0])
-    config = PipelineConfig.model_construct(
-        run=path, meta=path / "none.json", stages=StagesConfig(report=ReportConfig(per_rule=2))
-    )
-    summary = STAGE_RUNNERS["report"](PipelineContext(config, RunFolder(path)))
-    assert (path / "report.html").exists()
+    reads = ("ingest", "budget", "repeat", "tokenize", "pack")
+    report = ReportStage(ReportConfig(per_rule=2), reads)
+    summary = run_stages(path, report)["report"]
+    assert (path / "report.html").exists() and summary.redone == ["all"]
+    show_summaries(SimpleNamespace(run=RunFolder(path)), {"report": summary})
     printed = "".join(capsys.readouterr().out.split())
     assert f"report:{(path / 'report.html').resolve()}" in printed
-    assert summary.rows_in == summary.rows_kept + summary.rows_rejected
-    assert summary.rows_flagged == 10
+    counts = summary.report
+    assert counts["samples"] == counts["keep"] + counts["reject"] + counts["flag"]
+    assert counts["flag"] == 10 and counts["reject"] == 1 + 3
+    # at most 2 cards a rule: many_rule shows 2 of 8, quality_below_threshold 2 of 3
+    assert counts["rules"] >= 5 and counts["shown"] <= 2 * counts["rules"]
+    assert counts["not_shown"] >= 6 + 1
+    assert sum(v[0] for v in counts["by_dataset"].values()) == counts["samples"]
+    # done stays done; a review decision is one of its inputs
+    assert run_stages(path, report)["report"].redone == []
+    add_decisions(RunFolder(path), [{"sample_id": planted_run[1]["zero"][0], "decision": "keep"}])
+    again = run_stages(path, report)["report"]
+    assert again.redone == ["all"] and again.report["flag"] == 9
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

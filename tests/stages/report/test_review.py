@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from curate.cli.main import app
-from curate.stages.pack.config import PackConfig
-from curate.stages.pack.stage import run_pack
-from curate.core.status import current_decisions, load_decisions, pending_review, status_totals
 from curate.core.folder import RunFolder
+from curate.core.status import current_decisions, load_decisions, pending_review, status_totals
+from curate.stages.pack.config import PackConfig
+from tests.stages.report.conftest import pack
 
 runner = CliRunner()
 
@@ -114,10 +114,15 @@ def test_decisions_change_what_pack_keeps(planted_copy, tokenizer_dir):
     ):
         result, _ = _review(path, *args)
         assert result.exit_code == 0, result.output
-    report = run_pack(run, cfg, tokenizer_dir)
+    summary = pack(run, cfg, tokenizer_dir)
+    assert summary.redone == ["all"]  # the decisions are pack's inputs: it is redone
+    report = summary.report
     now = _packed(run)
     assert {ids["flagged"][0], ids["hostile"][0], keeper} <= now
     assert set(ids["many"][1:]) <= now and ids["many"][0] not in now
     assert plain not in now and ids["zero"][0] not in now  # still flagged, never kept
     assert not set(ids["low"][1:]) & now
-    assert report.samples_excluded == {"reject": 1 + 2 + 1, "flag": 1}
+    assert report["samples_excluded"] == {"reject": 1 + 2 + 1, "flag": 1}
+    # the pack ledger and outcome rows agree with what was packed
+    outcomes = run.read("pack").to_pylist()
+    assert {r["sample_id"] for r in outcomes if r["copies"]} == now

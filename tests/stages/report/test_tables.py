@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from curate.core.folder import RunFolder
 from curate.stages.report.tables import (
     counts_by_stage_rule_dataset,
     find_run,
@@ -13,7 +14,6 @@ from curate.stages.report.tables import (
     score_view,
     status_counts,
 )
-from curate.core.folder import RunFolder
 
 
 def test_load_run_tables_reads_every_stage(planted_run):
