@@ -114,7 +114,7 @@ def test_report_command_and_default_cap(planted_run, run_copy, demo_dir, tmp_pat
     # no run folder there: one line, exit 2
     bad = runner.invoke(app, ["report", "--run", str(tmp_path / "none")])
     assert bad.exit_code == 2 and bad.output.startswith("error:")
-    assert "not been ingested" in bad.output and "Traceback" not in bad.output
+    assert "not a run folder" in bad.output and "Traceback" not in bad.output
     assert ReportConfig().per_rule == 24
 
 
