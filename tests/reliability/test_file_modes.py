@@ -158,12 +158,6 @@ def test_score_and_train_outputs_follow_the_umask(scored_and_trained):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: checkpoint weights are 0600 whatever the umask: transformers' "
-    "save_pretrained writes them with safetensors' save_file (0.8), which makes 0600 files; "
-    "curate/stages/train/loop.py save_checkpoint leaves them so",
-)
 def test_checkpoint_weights_follow_the_umask(scored_and_trained):
     weights = {n: m for n, m in _modes(scored_and_trained).items() if _is_weights(n)}
     assert weights

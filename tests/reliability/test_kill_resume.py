@@ -510,15 +510,10 @@ def test_sigkill_during_training_resumes_from_newest_checkpoint(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: curate/stages/train/loop.py save_checkpoint writes trainer_state.pt in "
-    "place with torch.save; a kill during that write leaves a truncated file that marks the "
-    "checkpoint finished, and every resume fails loading it",
-)
 def test_kill_while_writing_trainer_state_resumes(train_ref, tmp_path, demo_dir, tokenizer_dir):
     """A kill in the middle of the newest checkpoint's trainer_state.pt (its last file), made
-    deterministic: the ref training as it was then, that file cut short."""
+    deterministic: the ref training as it was then — the state half written under its temp
+    name (save_checkpoint renames it into place only when complete)."""
     run = tmp_path / "run"
     shutil.copytree(train_ref, run)
     ckpts = sorted((run / "train" / "checkpoints").glob("step-*"))
@@ -526,7 +521,8 @@ def test_kill_while_writing_trainer_state_resumes(train_ref, tmp_path, demo_dir,
     (run / "_done" / "train" / "all.json").unlink()  # nor did the stage end
     state = ckpts[-2] / "trainer_state.pt"
     data = state.read_bytes()
-    state.write_bytes(data[: len(data) // 2])
+    (ckpts[-2] / ".trainer_state.pt.tmp").write_bytes(data[: len(data) // 2])
+    state.unlink()
     pipeline = _pipeline(tmp_path, demo_dir, {"tokenizer": tokenizer_dir}, run, _train_stages())
     _finish(pipeline, tmp_path / "curate.log")
     _assert_same_training(train_ref, run)

@@ -523,6 +523,19 @@ def train(
     return result
 
 
+def _step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def follow_umask(folder: Path) -> None:
+    """Give files the mode the user's umask gives (safetensors writes weights 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
 def save_checkpoint(
     out: Path,
     step: int,
@@ -548,16 +561,25 @@ def save_checkpoint(
     torch.save(rng_state(), path / f"rng-{dist.rank}.pt")
     dist.barrier()
     if dist.main:
-        torch.save(
-            {
-                "optimizer": optim_sd,
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "layout": layout_state,
-            },
-            path / "trainer_state.pt",
-        )
-        for old in checkpoints(out)[: -cfg.keep_checkpoints]:
+        state = {
+            "optimizer": optim_sd,
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "layout": layout_state,
+        }
+        # trainer_state.pt marks the checkpoint finished: written last, under a temp name
+        # first, so a kill mid-write cannot leave a truncated "finished" checkpoint.
+        tmp = path / ".trainer_state.pt.tmp"
+        torch.save(state, tmp)
+        follow_umask(path)
+        os.replace(tmp, path / "trainer_state.pt")
+        finished = checkpoints(out)
+        for old in finished[: -cfg.keep_checkpoints]:
             shutil.rmtree(old)
+        kept = finished[-cfg.keep_checkpoints :]
+        oldest_kept = _step(kept[0]) if kept else 0
+        for partial in (out / "checkpoints").glob("step-*"):  # a kill mid-rmtree or mid-save
+            if not (partial / "trainer_state.pt").exists() and _step(partial) < oldest_kept:
+                shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     return path

@@ -109,7 +109,9 @@ def test_cli_smoke(ingested_run, demo_dir, tmp_path):
 def test_cli_errors(ingested_run, demo_dir, tmp_path):
     # A run folder never ingested, with no pipeline to say what to ingest.
     result = CliRunner().invoke(app, ["filter", "--run", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "has not been ingested" in result.output
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+    assert "nothing" in result.output and "curate ingest" in result.output
+    assert not (tmp_path / "nothing" / "filter").exists()
     # A pipeline whose ingest is not what the run folder holds: filter refuses to run on it.
     import shutil
 
