@@ -19,8 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from curate.core.images import read_image_size
-from curate.stages.budget.tiling import count_tiles, dynamic_preprocess
 from curate.demo import images as synth
+from curate.stages.budget.tiling import count_tiles, dynamic_preprocess
 
 SIZES = [
     (1024, 768),

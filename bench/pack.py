@@ -13,6 +13,15 @@ answers, where ceil(sum / K) is out of reach and the tile LP bound is the honest
 Prints one row per packer: packs, ratio to the lower bound max(ceil(sum tokens / C),
 ceil(sum tiles / K)) and to max(that, tile LP bound), token and tile fill, wall and CPU
 seconds; then the pack and speed ratios. Both packings are checked (every index once, caps).
+
+`--both-caps` runs the mixtures where both caps bind instead (issue 16): the realistic and a
+single-image-only mixture at C=16384, K=48, their image answers lengthened until the load ratio
+rho = (sum tokens / C) / (sum tiles / K) is 0.9, 0.95, 1.0 and 1.05. Per mixture: the simple
+bound, the tile LP bound, the 2-D LP bound (`curate.stages.pack.bounds`, time-boxed, run after
+packing), and the gap of curate, InternVL's greedy and a plain best-fit decreasing on
+tokens / C + tiles / K to the simple and to the best bound.
+
+    python bench/pack.py --both-caps [--samples 1000000] [--lp-time-limit 60]
 """
 
 from __future__ import annotations
@@ -21,11 +30,19 @@ import argparse
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import chain
 
 import numpy as np
 
-from curate.stages.pack.binpack import lower_bound, pack_lengths, pack_stats, tile_lp_bound
+from curate.stages.pack.binpack import (
+    _pack_by_combined_fit,
+    lower_bound,
+    pack_lengths,
+    pack_stats,
+    tile_lp_bound,
+)
+from curate.stages.pack.bounds import vector_lp_bound
 from curate.stages.pack.internvl_packer import (
     IMAGE_HEAVY,
     REALISTIC,
@@ -92,13 +109,85 @@ def run_case(name: str, profile: MixtureProfile, c: int, k: int, n: int, seed: i
     )
 
 
+SINGLE_IMAGE = replace(REALISTIC, text=0.0, single=1.0, multi=0.0, video=0.0)
+BOTH_CAPS_RHO = (0.9, 0.95, 1.0, 1.05)
+
+
+def best_fit_combined(tok, til, *, max_tokens, max_tiles):
+    """Plain best-fit decreasing on tokens / C + tiles / K: what a careful user would write
+    (curate's `_pack_by_combined_fit`, run alone)."""
+    return _pack_by_combined_fit(tok, til, max_tokens, max_tiles)
+
+
+def mixture_at(profile: MixtureProfile, rho: float, n: int, seed: int, c: int, k: int):
+    """(tokens, tiles) of `profile` with the image answers' median length set so the load ratio
+    is `rho` (bisection on a 20k-sample draw), over-cap samples dropped."""
+
+    def draw(median: float, size: int):
+        tok, til = synthetic_mixture(
+            size, seed=seed, profile=replace(profile, image_text_median=median)
+        )
+        keep = (tok <= c) & (til <= k)
+        return tok[keep], til[keep]
+
+    lo, hi = 1.0, 5000.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        tok, til = draw(mid, 20_000)
+        lo, hi = (mid, hi) if (tok.sum() / c) / (til.sum() / k) < rho else (lo, mid)
+    return draw(lo, n)
+
+
+def run_both_caps(name: str, profile: MixtureProfile, rho: float, n: int, seed: int, lp_s: float):
+    c, k = 16384, 48
+    tok, til = mixture_at(profile, rho, n, seed, c, k)
+    simple = lower_bound(tok, til, max_tokens=c, max_tiles=k)
+    tile_lp = tile_lp_bound(til, max_tiles=k)
+    rows = {}
+    for label, packer in (
+        ("curate", pack_lengths),
+        ("internvl", internvl_greedy_pack),
+        ("bfd", best_fit_combined),
+    ):
+        packs, _, cpu = timed(packer, tok, til, c, k)
+        check(packs, tok, til, c, k)
+        rows[label] = (len(packs), cpu, packs)
+    lp = vector_lp_bound(
+        tok, til, max_tokens=c, max_tiles=k, time_limit_s=lp_s, packs=rows["curate"][2]
+    )
+    best = max(simple, tile_lp, lp.bound)
+    real_rho = (tok.sum() / c) / (til.sum() / k)
+    cells = [f"{name} rho {real_rho:.3f}", f"{tok.size:,}", f"{simple:,}", f"{tile_lp:,}"]
+    cells.append(f"{lp.bound:,} ({'conv.' if lp.converged else 'stopped'} {lp.seconds:.0f} s)")
+    for label in ("curate", "internvl", "bfd"):
+        packs, cpu = rows[label][:2]
+        cells.append(f"{packs:,} {packs / simple - 1:+.2%} / {packs / best - 1:+.2%} ({cpu:.1f} s)")
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main_both_caps(args) -> None:
+    print(
+        "| mixture | samples | simple | tile LP | 2-D LP | curate: packs, over simple / over "
+        "best (CPU) | InternVL greedy | BFD tokens/C + tiles/K |"
+    )
+    print("|---" * 8 + "|")
+    for name, profile in (("realistic", REALISTIC), ("single-image", SINGLE_IMAGE)):
+        for rho in BOTH_CAPS_RHO:
+            run_both_caps(name, profile, rho, args.samples, args.seed, args.lp_time_limit)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixtures", nargs="+", default=list(MIXTURES), choices=list(MIXTURES))
+    parser.add_argument("--both-caps", action="store_true", help="the both-caps-bind table")
+    parser.add_argument("--lp-time-limit", type=float, default=60.0, help="2-D LP time box, s")
     args = parser.parse_args()
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}")
+    if args.both_caps:
+        main_both_caps(args)
+        return
     for name in args.mixtures:
         for c, k in SETTINGS:
             run_case(name, MIXTURES[name], c, k, args.samples, args.seed)

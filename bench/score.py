@@ -153,10 +153,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for demo data (default: tmp)")
     args = ap.parse_args()
 
+    from curate.core.engine import Engine
+    from curate.core.folder import RunFolder
     from curate.demo.data import make_demo, make_demo_models
     from curate.stages.ingest.config import IngestConfig
-    from curate.stages.ingest.stage import ingest
-    from curate.core.folder import RunFolder
+    from curate.stages.ingest.stage import IngestStage
     from curate.stages.score.config import ScoreConfig
     from curate.stages.score.stage import Scorer
 
@@ -171,7 +172,7 @@ def main() -> None:
     )
     run = RunFolder(work / "run")
     if not run.shards("samples"):
-        ingest(str(work / "meta.json"), run, IngestConfig())
+        Engine(run, [IngestStage(IngestConfig(), work / "meta.json")]).run_stage("ingest")
     samples = pick_samples(run, args.samples)
 
     cfg = ScoreConfig(

@@ -4,18 +4,18 @@
     python bench/train.py --profile text --max-tokens 8192 --max-tiles 40 --packs 4 --mask-variant
     python bench/train.py --flavor 1b --bf16 --max-tokens 16384 --max-tiles 48 --packs 8  # GPU
 
-Samples have InternVL 2.5 SFT-like lengths (``curate.stages.pack.internvl_packer.synthetic_mixture``:
-text, single image 1-12 tiles + thumbnail, multi-image, video frames), those over the caps are
-dropped, and ``curate.stages.pack.binpack.pack_lengths`` packs them into PACK_SCHEMA manifests. The
-timed packs go through the trainer's own path (``PackBatches`` → ``PackedCausalLM`` with the
-trainer's attention: flash-attn varlen on GPU, per-sample SDPA on CPU; also the block-mask SDPA
-variant with ``--mask-variant``). The padded side takes exactly the samples of those packs, in
-their original (shuffled) order, in batches of B = mean samples per pack, each padded to its
-longest sample with a 2-D padding mask: the usual non-packed SFT batch. Both sides run forward,
-backward and an AdamW step on the same model, same weights, same loss weights, and count only
-real tokens. Timed in wall seconds and in CPU seconds of this process (the dev machine is
-shared, so wall time swings with its load); the ratio is packed / padded tokens per second.
-"""
+Samples have InternVL 2.5 SFT-like lengths
+(``curate.stages.pack.internvl_packer.synthetic_mixture``: text, single image 1-12 tiles +
+thumbnail, multi-image, video frames), those over the caps are dropped, and
+``curate.stages.pack.binpack.pack_lengths`` packs them into PACK_SCHEMA manifests. The timed packs
+go through the trainer's own path (``PackBatches`` → ``PackedCausalLM`` with the trainer's
+attention: flash-attn varlen on GPU, per-sample SDPA on CPU; also the block-mask SDPA variant with
+``--mask-variant``). The padded side takes exactly the samples of those packs, in their original
+(shuffled) order, in batches of B = mean samples per pack, each padded to its longest sample with
+a 2-D padding mask: the usual non-packed SFT batch. Both sides run forward, backward and an AdamW
+step on the same model, same weights, same loss weights, and count only real tokens. Timed in wall
+seconds and in CPU seconds of this process (the dev machine is shared, so wall time swings with
+its load); the ratio is packed / padded tokens per second."""
 
 from __future__ import annotations
 

@@ -127,6 +127,9 @@ def rules_table(summary: StageSummary) -> Table:
 
 
 def budget_rich_table(rows: list[dict]) -> Table:
+    """The budget table per dataset; ``share before`` / ``share after``: each dataset's part of
+    the effective tokens at the meta JSON's repeat_time and at the repeat factors used (they
+    differ when the mixture solver ran)."""
     cols = [
         "dataset",
         "samples",
@@ -138,12 +141,26 @@ def budget_rich_table(rows: list[dict]) -> Table:
         "repeat_time",
         "copies",
         "effective_tokens",
+        "share_before",
+        "share_after",
     ]
+    shares = ("share_before", "share_after")
+    cols = [c for c in cols if c not in shares or all(c in r for r in rows)]  # older tables
+
+    def cell(r: dict, c: str) -> str:
+        if c in shares:
+            return f"{r[c]:.1%}"
+        return f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])
+
     t = Table(title="budget per dataset")
     for c in cols:
         t.add_column(c.replace("_", " "), justify="left" if c == "dataset" else "right")
     totals = {c: sum(r[c] for r in rows) for c in cols if c not in ("dataset", "repeat_time")}
     for r in rows:
-        t.add_row(*(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols))
-    t.add_row("[bold]total", *(f"[bold]{totals[c]:,}" if c in totals else "" for c in cols[1:]))
+        t.add_row(*(cell(r, c) for c in cols))
+    total_cells = [
+        f"[bold]{totals[c]:.0%}" if c in shares else f"[bold]{totals[c]:,}" if c in totals else ""
+        for c in cols[1:]
+    ]
+    t.add_row("[bold]total", *total_cells)
     return t

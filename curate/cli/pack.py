@@ -32,6 +32,7 @@ def pack_report_table(report: dict):
         ("packs", f"{report.packs:,}"),
         ("lower bound max(⌈Σtok/C⌉, ⌈Σtiles/K⌉)", f"{report.lower_bound:,}"),
         ("packs / lower bound", f"{report.ratio_to_lower_bound:.4f}"),
+        *_certificate_rows(vars(report)),
         ("token fill", f"{report.token_fill:.2%}"),
         ("tile fill", f"{report.tile_fill:.2%}"),
         (
@@ -42,6 +43,20 @@ def pack_report_table(report: dict):
     for k, v in rows:
         t.add_row(k, v)
     return t
+
+
+def _certificate_rows(report: dict) -> list[tuple[str, str]]:
+    """Best proven bound, which one, the gap; nothing for a report written before them."""
+    if "best_bound" not in report:
+        return []
+    rows = [
+        (f"best proven bound ({report['best_bound_kind']})", f"{report['best_bound']:,}"),
+        ("gap to best bound", f"{report['gap_to_best_bound']:.2%}"),
+    ]
+    if report.get("lp_bound") is not None:
+        state = "converged" if report["lp_bound_converged"] else "time-boxed, stopped early"
+        rows.append(("2-D LP bound", f"{report['lp_bound']:,} ({state})"))
+    return rows
 
 
 def export_command(

@@ -75,7 +75,8 @@ def build_stages(config: PipelineConfig, executor: Executor | None = None) -> li
             PackStage(s.pack, tokenizer, judged, ("score",) if s.score is not None else ()),
         ]
     if s.train is not None:
-        _needs(s.pack, "stages.pack (train trains on the packs)")
+        if s.train.packs is None:  # else it trains on packs made elsewhere
+            _needs(s.pack, "stages.pack (train trains on the packs)")
         stages.append(TrainStage(_train_config(config)))
     if s.report is not None:
         stages.append(ReportStage(s.report, tuple(st.name for st in stages)))
@@ -158,8 +159,6 @@ class Pipeline:
     def run_stages(self, names: list[str] | None = None) -> dict[str, StageSummary]:
         """Bring stages up to date in pipeline order; returns each one's totals."""
         summaries = {}
-        # Absolute paths: a later command may run from another directory.
-        self.run.record_info(pipeline=absolute_paths(self.config).model_dump(mode="json"))
         for name in names or self.names:
             stage = self.engine.stages[name]
             try:
@@ -167,6 +166,9 @@ class Pipeline:
             finally:
                 if hasattr(stage, "close"):  # the judge's engine: gone before training forks
                     stage.close()
+        # Recorded once it worked (a failed --set must not stick to the run), with absolute
+        # paths: a later command may run from another directory.
+        self.run.record_info(pipeline=absolute_paths(self.config).model_dump(mode="json"))
         return summaries
 
     def close(self) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import xxhash
+
+from curate.core.errors import CurateError
 
 
 def internvl_copies(lines: np.ndarray, n_lines: int, repeat_time: float) -> np.ndarray:
@@ -39,21 +41,57 @@ def stable_copies(sample_ids: list[str], repeat_time: float, seed: int = 0) -> n
     return (whole + (u < frac)).astype(np.int32)
 
 
+class MixtureError(CurateError):
+    """The mixture solver's weights do not fit the run's datasets."""
+
+
+def check_weights(weights: Mapping[str, float] | None, datasets: Iterable[str]) -> None:
+    """Weights may name only the run's datasets: a one-line error names the known ones."""
+    known = list(datasets)
+    unknown = sorted(set(weights or {}) - set(known))
+    if unknown:
+        raise MixtureError(
+            f"weights name unknown datasets {unknown}; the run's datasets are {known}"
+        )
+
+
 def solve_repeat_factors(
     tokens_per_dataset: Mapping[str, int],
     target_tokens: int,
     weights: Mapping[str, float] | None = None,
+    *,
+    basis: str = "natural",
+    repeat_times: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Repeat factor r per dataset so that r·tokens gives each dataset its weight's share of
-    ``target_tokens`` (equal shares without weights). A dataset with no tokens gets r = 0."""
+    """Repeat factor r per dataset so that the effective tokens sum(r·tokens) are
+    ``target_tokens``. Datasets not named in ``weights`` have weight 1.
+
+    - ``natural``: r = s · weight · repeat_time (the meta JSON's, default 1), one scale s for
+      all: a weight is relative to the dataset's natural size as InternVL's repeat_time is, and
+      weight 1 everywhere keeps the meta's mixture.
+    - ``equal``: dataset d gets the share weight_d / sum(weights) of the target whatever its
+      size.
+
+    A dataset with no tokens gets r = 0 and takes no share from the others.
+    """
+    check_weights(weights, tokens_per_dataset)
     weights = weights or {}
-    unknown = set(weights) - set(tokens_per_dataset)
-    if unknown:
-        raise ValueError(f"weights name unknown datasets: {sorted(unknown)}")
-    w = {d: float(weights.get(d, 0.0 if weights else 1.0)) for d in tokens_per_dataset}
-    total_w = sum(w.values())
-    if total_w <= 0:
-        raise ValueError("mixture weights must not all be zero")
+    repeat_times = repeat_times or {}
+    if basis not in ("natural", "equal"):
+        raise MixtureError(f"weight_basis must be natural or equal, not {basis!r}")
+    w = {d: float(weights.get(d, 1.0)) for d in tokens_per_dataset}
+    # Each dataset's part of the target: weight x repeat_time x its tokens (natural) or its
+    # weight alone (equal); r then turns that part into copies of the dataset's tokens.
+    if basis == "natural":
+        part = {
+            d: w[d] * float(repeat_times.get(d, 1.0)) * n for d, n in tokens_per_dataset.items()
+        }
+    else:
+        part = {d: (w[d] if n else 0.0) for d, n in tokens_per_dataset.items()}
+    total = sum(part.values())
+    if total <= 0:
+        raise MixtureError("mixture weights are zero for every dataset with tokens")
     return {
-        d: (target_tokens * w[d] / total_w / n if n else 0.0) for d, n in tokens_per_dataset.items()
+        d: (target_tokens * part[d] / total / n if n else 0.0)
+        for d, n in tokens_per_dataset.items()
     }

@@ -27,7 +27,12 @@ from curate.core.stage import (
 )
 from curate.stages.budget.config import BudgetConfig
 from curate.stages.budget.costs import TilingParams, grid_tiles, image_grids
-from curate.stages.budget.repeat import internvl_copies, solve_repeat_factors, stable_copies
+from curate.stages.budget.repeat import (
+    check_weights,
+    internvl_copies,
+    solve_repeat_factors,
+    stable_copies,
+)
 from curate.stages.budget.tiling import tokens_per_tile
 
 STAGE = "budget"
@@ -68,10 +73,17 @@ def cached_tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
+def _meta_or_pipeline(dataset: dict, cfg: BudgetConfig, key: str) -> int:
+    """A dataset's own value in the meta JSON beats the pipeline's, which applies where the
+    meta sets none (InternVL: the meta file's max_dynamic_patch beats the global one)."""
+    value = dataset.get(key)
+    return getattr(cfg, key) if value is None else value
+
+
 def _tiling_for(dataset: dict, cfg: BudgetConfig) -> TilingParams:
     return TilingParams(
-        max_tiles=dataset.get("max_dynamic_patch") or cfg.max_dynamic_patch,
-        min_tiles=dataset.get("min_dynamic_patch") or cfg.min_dynamic_patch,
+        max_tiles=_meta_or_pipeline(dataset, cfg, "max_dynamic_patch"),
+        min_tiles=_meta_or_pipeline(dataset, cfg, "min_dynamic_patch"),
         image_size=cfg.image_size,
         use_thumbnail=cfg.use_thumbnail,
         video_frames=cfg.video_frames,
@@ -117,8 +129,8 @@ def budget_rows(
     return out
 
 
-REPEAT_FIELDS = frozenset({"repeat_mode", "seed", "target_tokens", "weights"})
-TILING_KEYS = ("max_dynamic_patch", "min_dynamic_patch")
+REPEAT_FIELDS = frozenset({"repeat_mode", "seed", "target_tokens", "weights", "weight_basis"})
+TILING_KEYS = ("max_dynamic_patch", "min_dynamic_patch")  # per dataset in the meta JSON
 
 
 class BudgetStage(ShardStage):
@@ -146,6 +158,7 @@ class BudgetStage(ShardStage):
 
     def prepare(self, run: RunFolder) -> None:
         self.datasets = run.datasets()
+        check_weights(self.config.weights, self.datasets)  # before tokenising anything
 
     def process(self, shard: ShardInput) -> ShardOutput:
         rows = shard.table("samples").to_pylist()
@@ -175,18 +188,28 @@ class RepeatStage(GlobalStage):
         write_parquet_atomic(
             table.to_arrow().cast(COPIES_SCHEMA), inp.out / "repeat" / "copies.parquet"
         )
-        rows = budget_table(inp.run, table, r)
+        before = table
+        if self.config.target_tokens is not None:  # the meta's repeat_time, for comparison
+            before, _ = compute_copies(inp.run, self.config.model_copy(update=NO_SOLVER))
+        rows = budget_table(inp.run, table, r, before)
         write_json_atomic(rows, inp.out / "repeat" / "budget_table.json")
         return GlobalOutput(report={"repeat_time": r})
 
 
+NO_SOLVER = {"target_tokens": None, "weights": None}
+
+
 def repeat_factors(run: RunFolder, cfg: BudgetConfig, costs: pl.DataFrame) -> dict[str, float]:
+    """The meta JSON's repeat_time per dataset, or the mixture solver's r with target_tokens."""
     datasets = run.datasets()
+    meta = {name: float(d["repeat_time"]) for name, d in datasets.items()}
     if cfg.target_tokens is None:
-        return {name: float(d["repeat_time"]) for name, d in datasets.items()}
+        return meta
     tokens = costs.group_by("dataset").agg(pl.col("total_tokens").sum())
     per_ds = {name: 0 for name in datasets} | dict(tokens.iter_rows())
-    return solve_repeat_factors(per_ds, cfg.target_tokens, cfg.weights)
+    return solve_repeat_factors(
+        per_ds, cfg.target_tokens, cfg.weights, basis=cfg.weight_basis, repeat_times=meta
+    )
 
 
 def compute_copies(run: RunFolder, cfg: BudgetConfig) -> tuple[pl.DataFrame, dict[str, float]]:
@@ -224,9 +247,15 @@ EMPTY_ROW = {
 }
 
 
-def budget_table(run: RunFolder, copies: pl.DataFrame, r: dict[str, float]) -> list[dict]:
-    """Per-dataset totals: samples kept/rejected, images, tiles, tokens, r, effective tokens."""
+def budget_table(
+    run: RunFolder, copies: pl.DataFrame, r: dict[str, float], before: pl.DataFrame | None = None
+) -> list[dict]:
+    """Per-dataset totals: samples kept/rejected, images, tiles, tokens, r, effective tokens,
+    and each dataset's share of the effective tokens before (``before``: the copies at the
+    meta JSON's repeat_time) and after (``copies``) the mixture solver."""
     costs = pl.from_arrow(run.read("budget", schema=BUDGET_SCHEMA).drop(["grids", "frame_indices"]))
+    share_before = _shares(costs, copies if before is None else before)
+    share_after = _shares(costs, copies)
     df = costs.join(copies.select("sample_id", "copies"), on="sample_id", how="left")
     agg = df.group_by("dataset").agg(
         pl.len().alias("samples"),
@@ -248,6 +277,20 @@ def budget_table(run: RunFolder, copies: pl.DataFrame, r: dict[str, float]) -> l
                 **{k: v for k, v in row.items() if k != "dataset"},
                 "rejected": ingest.get(name, [0, 0, 0])[2],
                 "repeat_time": round(r.get(name, 0.0), 4),
+                "share_before": share_before.get(name, 0.0),
+                "share_after": share_after.get(name, 0.0),
             }
         )
     return table
+
+
+def _shares(costs: pl.DataFrame, copies: pl.DataFrame) -> dict[str, float]:
+    """Each dataset's fraction of the effective tokens (tokens x copies), to 4 decimals."""
+    df = costs.join(copies.select("sample_id", "copies"), on="sample_id", how="left")
+    tokens = dict(
+        df.group_by("dataset")
+        .agg((pl.col("total_tokens") * pl.col("copies").fill_null(0)).sum())
+        .iter_rows()
+    )
+    total = sum(tokens.values())
+    return {d: round(n / total, 4) if total else 0.0 for d, n in tokens.items()}

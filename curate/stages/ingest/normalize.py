@@ -7,7 +7,10 @@ reported, not only the first, so the ledger explains the whole sample.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
@@ -81,11 +84,11 @@ def _conversations(obj: dict) -> tuple[list[dict], list[Problem]]:
 
 def _image_list(obj: dict) -> tuple[list[str], Problem | None]:
     value = obj.get("image")
-    if value is None:
-        return [], None
+    if value is None or value == "" or value == []:
+        return [], None  # InternVL reads an empty image field as a text-only sample
     if isinstance(value, str):
         return [value], None
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value, None
     return [], Problem(
         "malformed_image_field", f"'image' must be a path or list of paths: {value!r:.80}"
@@ -132,6 +135,45 @@ def _check_placeholders(turns: list[dict], n_images: int, is_video: bool) -> lis
     return []
 
 
+def symlink_loop(root: str, relpath: str) -> str | None:
+    """The symlink loop that ``relpath`` under ``root`` runs into, as ``a -> b -> a`` relative
+    to the root; None when there is none."""
+    path = os.path.join(root, relpath)
+    if not _loops(path):
+        return None
+    parts = Path(path).parts
+    for i in range(1, len(parts) + 1):  # the first link on the way that loops
+        link = os.path.join(*parts[:i])
+        if os.path.islink(link) and _loops(link):
+            chain = [link]
+            while len(chain) <= 40 and os.path.islink(chain[-1]):
+                target = os.path.join(os.path.dirname(chain[-1]), os.readlink(chain[-1]))
+                chain.append(os.path.normpath(target))
+                if chain[-1] in chain[:-1]:
+                    break
+            return " -> ".join(os.path.relpath(p, root) for p in chain)
+    return None
+
+
+def _loops(path: str) -> bool:
+    """Whether following ``path`` ends in ELOOP (a loop, or too many links in a row)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _problem(spec: DatasetSpec, rel: str, p: ImageProblem) -> Problem:
+    """The ledger problem of an image or video path; a missing file that is really a symlink
+    loop says so."""
+    if p.rule in ("image_missing", "video_unreadable"):
+        loop = symlink_loop(spec.root, rel)
+        if loop is not None:
+            return Problem("symlink_loop", f"{rel!r} runs into a symlink loop: {loop}")
+    return Problem(p.rule, p.detail, p.value, p.threshold)
+
+
 def _resolve_images(
     spec: DatasetSpec, paths: list[str], max_pixels: int
 ) -> tuple[list[dict], list[Problem]]:
@@ -142,7 +184,7 @@ def _resolve_images(
             w, h = read_image_size(real, max_pixels=max_pixels)
             images.append({"path": real, "width": w, "height": h})
         except ImageProblem as p:
-            problems.append(Problem(p.rule, p.detail, p.value, p.threshold))
+            problems.append(_problem(spec, rel, p))
     return images, problems
 
 
@@ -153,7 +195,7 @@ def _resolve_video(
         folder = resolve_in_root(spec.root, rel)
         frames = list_frames(folder)
     except ImageProblem as p:
-        return [], [Problem(p.rule, p.detail, p.value, p.threshold)]
+        return [], [_problem(spec, rel, p)]
     return _resolve_images(spec, frames, max_pixels)
 
 
@@ -172,6 +214,8 @@ def parse_line(
     paths, bad_field = _image_list(obj)
     problems += [bad_field] if bad_field else []
     video = obj.get("video")
+    if video == "":
+        video = None  # text-only, as in InternVL
     if video is not None and not isinstance(video, str):
         problems.append(Problem("malformed_video_field", f"'video' must be a path: {video!r:.80}"))
     if paths and video:

@@ -27,6 +27,7 @@ from curate.stages.ingest.meta import DatasetSpec, MetaError, load_meta
 from curate.stages.ingest.normalize import parse_line
 
 STAGE = "ingest"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -51,8 +52,10 @@ def _slug(name: str) -> str:
     return slug
 
 
-def _read_lines(spec: DatasetSpec) -> tuple[list[bytes], list[bool]]:
-    """All lines of an annotation file as bytes, and whether each ended in CRLF.
+def _read_lines(spec: DatasetSpec) -> tuple[list[bytes], list[bool], int]:
+    """All lines of an annotation file as bytes, whether each ended in CRLF, and where the
+    first line starts (3 after a UTF-8 byte order mark, which Windows tools write: it is not
+    part of the first line).
 
     Parquet rows become canonical JSON lines, so both formats share one parser.
     """
@@ -60,12 +63,14 @@ def _read_lines(spec: DatasetSpec) -> tuple[list[bytes], list[bool]]:
     if path.suffix == ".parquet":
         rows = pq.read_table(path).to_pylist()
         lines = [orjson.dumps(r, option=orjson.OPT_SORT_KEYS) for r in rows]
-        return lines, [False] * len(lines)
-    lines = path.read_bytes().split(b"\n")
+        return lines, [False] * len(lines), 0
+    data = path.read_bytes()
+    start = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    lines = data[start:].split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # a final newline ends the last line; it does not start another
     crlf = [ln.endswith(b"\r") for ln in lines]
-    return [ln[:-1] if c else ln for ln, c in zip(lines, crlf, strict=True)], crlf
+    return [ln[:-1] if c else ln for ln, c in zip(lines, crlf, strict=True)], crlf, start
 
 
 def _duplicates(spec: DatasetSpec, lines: list[bytes]) -> dict[int, int]:
@@ -83,13 +88,16 @@ def _duplicates(spec: DatasetSpec, lines: list[bytes]) -> dict[int, int]:
     return {int(i) + 1: int(first_of[i]) + 1 for i in dup}
 
 
-def _line_starts(lines: list[bytes], crlf: list[bool]) -> np.ndarray:
+def _line_starts(lines: list[bytes], crlf: list[bool], first: int = 0) -> np.ndarray:
+    """Byte offset of every line, the first at ``first``."""
     sizes = np.fromiter(
         (len(ln) + 1 + c for ln, c in zip(lines, crlf, strict=True)),
         dtype=np.int64,
         count=len(lines),
     )
-    return np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(lines) else np.zeros(0, np.int64)
+    if not len(lines):
+        return np.zeros(0, np.int64)
+    return first + np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
 
 def plan(specs: list[DatasetSpec], shard_lines: int) -> tuple[dict[str, ShardTask], dict[str, int]]:
@@ -97,8 +105,8 @@ def plan(specs: list[DatasetSpec], shard_lines: int) -> tuple[dict[str, ShardTas
     tasks: dict[str, ShardTask] = {}
     line_counts: dict[str, int] = {}
     for spec in specs:
-        lines, crlf = _read_lines(spec)
-        starts = _line_starts(lines, crlf)
+        lines, crlf, first = _read_lines(spec)
+        starts = _line_starts(lines, crlf, first)
         line_counts[spec.name] = len(lines)
         dups = _duplicates(spec, lines)
         is_jsonl = not spec.annotation.endswith(".parquet")

@@ -29,6 +29,7 @@ from curate.core.stage import GlobalInput, GlobalOutput, GlobalStage
 from curate.core.status import decisions_path
 from curate.stages.budget.stage import cached_tokenizer
 from curate.stages.pack.binpack import lower_bound, pack_lengths
+from curate.stages.pack.bounds import REPORT_LP_TIME_LIMIT_S, best_bound
 from curate.stages.pack.config import PackConfig
 from curate.stages.pack.internvl_packer import internvl_greedy_pack
 from curate.stages.pack.manifest import PACK_IMAGE_TYPE, PACK_SCHEMA
@@ -56,6 +57,14 @@ class PackReport:
     padded_batch_tokens: int  # the same samples in padded batches of the same size
     padding_fraction_padded: float
     algorithm: str
+    # The certificate (curate.stages.pack.bounds): the best proven lower bound on the packs any
+    # packing needs, which bound it is (simple, tile LP, 2-D LP) and the gap packs / bound - 1.
+    best_bound: int = 0
+    best_bound_kind: str = "simple"
+    gap_to_best_bound: float = 0.0
+    lp_bound: int | None = None  # the 2-D LP bound (None: not run, the others already meet packs)
+    # False: stopped early at the time box (still valid). No seconds here: reports compare equal.
+    lp_bound_converged: bool | None = None
 
 
 def _eligible_tokens(inp: GlobalInput) -> tuple[pa.Table, pl.DataFrame]:
@@ -321,6 +330,15 @@ def _report(
     batch = max(1, round(len(n_tok) / max(n_packs, 1)))
     padded = padded_cost(n_tok, batch, cfg.seed) if len(n_tok) else 0
     excluded = dict(status.filter(pl.col("status") != "keep").group_by("status").len().iter_rows())
+    cert = best_bound(
+        n_packs,
+        n_tok,
+        n_til,
+        max_tokens=cfg.max_tokens,
+        max_tiles=cfg.max_tiles,
+        time_limit_s=REPORT_LP_TIME_LIMIT_S,
+        packing=packs,
+    )
     return PackReport(
         samples_in=len(eligible),
         samples_packed=packed,
@@ -339,4 +357,9 @@ def _report(
         padded_batch_tokens=padded,
         padding_fraction_padded=round(float(1 - n_tok.sum() / padded), 5) if padded else 0.0,
         algorithm=cfg.algorithm,
+        best_bound=cert.bound,
+        best_bound_kind=cert.kind,
+        gap_to_best_bound=round(cert.gap, 5),
+        lp_bound=cert.lp.bound if cert.lp else None,
+        lp_bound_converged=cert.lp.converged if cert.lp else None,
     )

@@ -65,7 +65,9 @@ class ScoreConfig(BaseModel):
         default_factory=dict, description="per dataset, domain or prompt name"
     )
     threshold_on: Literal["score", "expected"] = Field(
-        "score", description="compare the chosen score or the probability-weighted expectation"
+        "score",
+        description="compare the score (the most probable label) or the probability-weighted "
+        "expected score",
     )
     invalid_severity: Literal["flag", "reject"] = Field(
         "flag", description="ledger severity of score_invalid (a request that gave no score)"

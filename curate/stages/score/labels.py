@@ -17,6 +17,11 @@ constrained decoder sees. The conditional comes from the decoded path's second s
 greedy path went through that first token, else from a follow-up request (the prompt plus that
 token, one step, almost fully prefix-cached). The expected score sum(s * P(s)) is then exact
 for any tokenizer whose labels are at most two tokens.
+
+The stored score is the most probable label, not the constrained greedy output: greedy takes
+the likeliest *first token*, so "1" wins when P(1) + P(10) is the largest and the output is
+10 even when P(10) alone is small (P(10) = 0.086 beside P(7) = 0.137). Without logprobs the
+output is all there is, and it is the score.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class RawOutput:
 
 @dataclass
 class Reading:
-    """One request's result: the chosen score, its label distribution, or why there is none."""
+    """One request's result: the score (the most probable label), the expected score, the
+    label distribution, or why there is none."""
 
     score: int | None
     expected: float | None
@@ -157,7 +163,13 @@ class LabelSet:
                 probs[self.next[tid][cid]] += p * q
         values = [probs[lab] for lab in self.labels]
         expected = sum(int(lab) * v for lab, v in zip(self.labels, values, strict=True))
-        return Reading(score, expected, values)
+        return Reading(int(self.labels[most_probable(values)]), expected, values)
+
+
+def most_probable(probs: list[float]) -> int:
+    """The index of the most probable label (label s is index s for 0..10); a tie goes to
+    the lower one."""
+    return max(range(len(probs)), key=lambda s: (probs[s], -s))
 
 
 def _normalise(logprobs: dict[int, float], allowed: dict[int, str]) -> dict[int, float] | None:

@@ -34,7 +34,7 @@ from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import ShardInput, ShardOutput, ShardStage
 from curate.stages.score.config import ScoreConfig
 from curate.stages.score.engines import EngineRequest, EngineStats, load_tokenizer, make_engine
-from curate.stages.score.labels import LABELS, LabelSet, Reading
+from curate.stages.score.labels import LABELS, LabelSet, Reading, most_probable
 from curate.stages.score.prompts import PromptLibrary, apply_chat_template, render_user_message
 
 STAGE = "score"
@@ -49,7 +49,7 @@ SCORES_SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("domain", pa.string()),
         ("quality_prompt", pa.string()),
-        ("quality_score", pa.int8()),  # the constrained choice; null when invalid
+        ("quality_score", pa.int8()),  # the most probable label; null when invalid
         ("quality_expected", pa.float32()),  # sum(s * P(s)) over labels 0..10
         ("quality_probs", PROBS),  # P(0) .. P(10)
         ("quality_threshold", pa.float32()),
@@ -141,6 +141,9 @@ def content_fingerprint(cfg: ScoreConfig, model: Path, library: PromptLibrary) -
     }
     return xxhash.xxh3_64_hexdigest(orjson.dumps(key, option=orjson.OPT_SORT_KEYS))
 
+
+# What the stored score is; a new value re-decides every shard from its memo.
+SCORE_RULE = "most_probable_label"
 
 # Settings that decide keep / reject / review from raw scores (and which requests exist).
 DECISION_FIELDS = {
@@ -275,7 +278,10 @@ Key = tuple[str, str, str]  # sample_id, check, prompt
 def load_cache(memo: Memo, fingerprint: str) -> dict[Key, Result]:
     done = {}
     for r in memo.load(fingerprint):
-        reading = Reading(r["score"], r["expected"], r["probs"], r["reason"])
+        # Memos written when the score was the greedy choice: the label from the stored
+        # probabilities, with no new request.
+        score = r["score"] if r["probs"] is None else most_probable(r["probs"])
+        reading = Reading(score, r["expected"], r["probs"], r["reason"])
         done[(r["sample_id"], r["check"], r["prompt"])] = Result(reading, r["prompt_tokens"])
     return done
 
@@ -449,6 +455,7 @@ class ScoreStage(ShardStage):
             "content": _content(self.config, self.model),
             "judge_files": path_identity(self.model) if self.model.exists() else "",
             "decisions": decisions,
+            "score": SCORE_RULE,
         }
 
     def prepare(self, run: RunFolder) -> None:

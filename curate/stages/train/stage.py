@@ -35,10 +35,14 @@ class TrainStage(GlobalStage):
         super().__init__(config)
         self.stop_after: int | None = None  # tests: end this call after N steps (a crash)
 
+    def extra_inputs(self, run) -> dict[str, str]:
+        packs = self.config.packs
+        return {"packs": str(_external_packs(packs))} if packs is not None else {}
+
     def run(self, inp: GlobalInput) -> GlobalOutput:
         cfg = self.config
         out = Path(cfg.out or inp.run.path / "train")
-        stamp = {"settings": self.settings(), "packs": _packs_identity(inp)}
+        stamp = {"settings": self.settings(), "packs": _packs_identity(inp, cfg.packs)}
         resume = (out / STAMP).exists() and read_json(out / STAMP) == stamp
         if not resume:
             shutil.rmtree(out, ignore_errors=True)  # checkpoints of other settings or packs
@@ -58,6 +62,14 @@ class TrainStage(GlobalStage):
         )
 
 
-def _packs_identity(inp: GlobalInput) -> dict:
+def _packs_identity(inp: GlobalInput, packs: Path | None) -> dict:
+    if packs is not None:
+        return _external_packs(packs)
     marker = inp.run.marker("pack", "all")
     return marker["files"] if marker else {}
+
+
+def _external_packs(packs: Path) -> dict:
+    """Packs made elsewhere: their files' names, sizes and modification times."""
+    files = sorted(Path(packs).glob("*.parquet"))
+    return {f.name: f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files}

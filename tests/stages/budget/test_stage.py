@@ -10,6 +10,7 @@ from curate.core.folder import RunFolder
 from curate.core.io import read_json
 from curate.stages.budget.config import BudgetConfig
 from curate.stages.budget.costs import frame_indices
+from curate.stages.budget.repeat import MixtureError
 from curate.stages.budget.stage import BudgetStage, RepeatStage, budget_rows, load_tokenizer
 from tests.conftest import run_stages
 
@@ -73,7 +74,7 @@ def _table(run):
 
 def test_solver_and_stable_mode(run_copy, budgeted_run, tokenizer_dir):
     run = RunFolder(run_copy(budgeted_run))
-    cfg = BudgetConfig(target_tokens=1_000_000, repeat_mode="stable")
+    cfg = BudgetConfig(target_tokens=1_000_000, repeat_mode="stable", weight_basis="equal")
     done = run_budget(run, cfg, tokenizer_dir)
     # Repeat settings change the copies only: no shard is budgeted again.
     assert done["budget"].redone == [] and done["repeat"].redone == ["all"]
@@ -101,3 +102,84 @@ def test_settings_change_redoes_shards(run_copy, budgeted_run, tokenizer_dir):
 
 def test_budget_rows_empty_batch(tokenizer_dir):
     assert budget_rows([], {}, BudgetConfig(), load_tokenizer(tokenizer_dir)) == []
+
+
+def test_readme_mixture_example_keeps_every_dataset(run_copy, budgeted_run, tokenizer_dir):
+    """`--set target_tokens=2000000 --set weights.doc_ocr=2`: every dataset keeps a share;
+    doc_ocr's doubles relative to the meta JSON's mixture (natural weights, the default)."""
+    run = RunFolder(run_copy(budgeted_run))
+    cfg = BudgetConfig(repeat_mode="stable", target_tokens=2_000_000, weights={"doc_ocr": 2})
+    run_budget(run, cfg, tokenizer_dir)
+    table = {r["dataset"]: r for r in _table(run)}
+    meta = run.datasets()
+    assert all(r["repeat_time"] > 0 and r["copies"] > 0 for r in table.values())
+    scale = {d: table[d]["repeat_time"] / meta[d]["repeat_time"] for d in table}
+    assert scale["doc_ocr"] == pytest.approx(2 * scale["general_vqa"], rel=1e-3)
+    others = [v for d, v in scale.items() if d != "doc_ocr"]
+    assert max(others) == pytest.approx(min(others), rel=1e-3)
+
+
+def test_budget_table_shows_each_share_before_and_after(run_copy, budgeted_run, tokenizer_dir):
+    run = RunFolder(run_copy(budgeted_run))
+    run_budget(run, BudgetConfig(repeat_mode="stable"), tokenizer_dir)
+    plain = {r["dataset"]: r for r in _table(run)}
+    # Without the solver, the shares are those of the meta JSON's repeat_time.
+    total = sum(r["effective_tokens"] for r in plain.values())
+    for r in plain.values():
+        assert r["share_before"] == r["share_after"]
+        assert r["share_after"] == pytest.approx(r["effective_tokens"] / total, abs=1e-4)
+    cfg = BudgetConfig(target_tokens=1_000_000, weight_basis="equal", repeat_mode="stable")
+    run_budget(run, cfg, tokenizer_dir)
+    solved = {r["dataset"]: r for r in _table(run)}
+    assert {d: r["share_before"] for d, r in solved.items()} == {
+        d: r["share_before"] for d, r in plain.items()
+    }
+    assert sum(r["share_after"] for r in solved.values()) == pytest.approx(1.0, abs=1e-3)
+    assert max(r["share_after"] for r in solved.values()) < max(
+        r["share_before"] for r in plain.values()
+    )
+
+
+def test_budget_rich_table_prints_the_shares(budgeted_run):
+    from rich.console import Console
+
+    from curate.cli.console import budget_rich_table
+
+    console = Console(width=250, record=True)
+    console.print(budget_rich_table(_table(RunFolder(budgeted_run))))
+    text = console.export_text()
+    assert "share before" in text and "share after" in text
+    doc = next(line for line in text.splitlines() if "doc_ocr" in line)
+    assert "%" in doc
+
+
+def test_unknown_dataset_in_weights_stops_with_one_line(run_copy, budgeted_run, tokenizer_dir):
+    run = RunFolder(run_copy(budgeted_run))
+    cfg = BudgetConfig(target_tokens=1000, weights={"nosuch": 2})
+    with pytest.raises(MixtureError) as e:
+        run_budget(run, cfg, tokenizer_dir)
+    assert "nosuch" in str(e.value) and "doc_ocr" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_readme_example_and_unknown_weight(run_copy, budgeted_run, demo_dir, tokenizer_dir):
+    """`curate budget` with the README's settings prints the shares; a weight naming no
+    dataset is one error line, exit status 2."""
+    from typer.testing import CliRunner
+
+    from curate.cli.main import app
+
+    run = run_copy(budgeted_run)
+    config = run.parent / "pipeline.yaml"
+    config.write_text(
+        f"run: {run}\nmeta: {demo_dir / 'meta.json'}\nmodels: {{tokenizer: {tokenizer_dir}}}\n"
+        "stages:\n  ingest: {shard_lines: 40}\n  budget: {}\n"
+    )
+    base = ["budget", "--run", str(run), "--config", str(config)]
+    sets = ["--set", "repeat_mode=stable", "--set", "target_tokens=2000000"]
+    ok = CliRunner().invoke(app, [*base, *sets, "--set", "weights.doc_ocr=2"])
+    assert ok.exit_code == 0, ok.output
+    assert "share before" in ok.output and "share after" in ok.output
+    bad = CliRunner().invoke(app, [*base, *sets, "--set", "weights.nosuch=2"])
+    assert bad.exit_code == 2, bad.output
+    assert bad.output.startswith("error:") and len(bad.output.strip().splitlines()) == 1
+    assert "nosuch" in bad.output and "doc_ocr" in bad.output

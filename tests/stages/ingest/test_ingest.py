@@ -51,6 +51,7 @@ CASES = {
     "image_count_mismatch": _line(image=["ok.png", "ok.png"]),
     "path_outside_root": _line(image="../outside.png"),
     "image_missing": _line(image="nope.png"),
+    "symlink_loop": _line(image="loop_a.png"),
     "image_not_a_file": _line(image="adir"),
     "image_unreadable": _line(image="garbage.png"),
     "image_too_large": _line(image="bomb.png"),
@@ -72,6 +73,9 @@ def _dataset(tmp_path, lines: list[bytes], fmt: str = "jsonl") -> str:
         Image.new("RGB", (32, 32)).save(root / "clip" / f"f{k}.jpg")
     (root / "garbage.png").write_bytes(b"not an image at all" * 10)
     write_png_bomb(root / "bomb.png")
+    for a, b in (("loop_a.png", "loop_b.png"), ("loop_b.png", "loop_a.png")):
+        if not (root / a).is_symlink():
+            os.symlink(b, root / a)
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
     if fmt == "jsonl":
         ann = tmp_path / "ann.jsonl"
@@ -284,3 +288,142 @@ def test_dataset_names_that_are_not_file_names_keep_their_own_shards(tmp_path):
     assert sorted(run.read("samples")["dataset"].to_pylist()) == sorted(
         n for k, n in enumerate(names) for _ in range(k + 1)
     )
+
+
+def test_meta_field_types_are_checked_at_load(tmp_path):
+    """One schema for the meta JSON: a wrong type is a MetaError naming dataset and field."""
+    (tmp_path / "a.jsonl").write_bytes(b"")
+    entry = {"root": ".", "annotation": "a.jsonl", "max_dynamic_patch": "6"}
+    (tmp_path / "m.json").write_bytes(orjson.dumps({"docs": entry}))
+    with pytest.raises(MetaError) as e:
+        load_meta(tmp_path / "m.json")
+    message = str(e.value)
+    assert "'docs'" in message and "max_dynamic_patch" in message and "'6'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_dynamic_patch", "6"),
+        ("max_dynamic_patch", 6.5),
+        ("max_dynamic_patch", 0),
+        ("min_dynamic_patch", "1"),
+        ("min_dynamic_patch", True),
+        ("repeat_time", "2"),
+        ("repeat_time", 0),
+        ("repeat_time", -1),
+        ("data_augment", "yes"),
+        ("length", "10"),
+        ("domain", 5),
+        ("root", 3),
+        ("annotation", None),
+    ],
+)
+def test_each_meta_field_type(tmp_path, field, value):
+    (tmp_path / "a.jsonl").write_bytes(b"")
+    entry = {"root": ".", "annotation": "a.jsonl", field: value}
+    (tmp_path / "m.json").write_bytes(orjson.dumps({"docs": entry}))
+    with pytest.raises(MetaError, match=rf"dataset 'docs'.*{field}"):
+        load_meta(tmp_path / "m.json")
+
+
+def test_meta_values_of_the_right_types_load(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"")
+    entry = {
+        "root": ".",
+        "annotation": "a.jsonl",
+        "data_augment": False,
+        "max_dynamic_patch": 6,
+        "min_dynamic_patch": 2,
+        "repeat_time": 2,
+        "length": 0,
+        "domain": "ocr",
+    }
+    (tmp_path / "m.json").write_bytes(orjson.dumps({"docs": entry, "other": 1}))
+    with pytest.raises(MetaError, match="dataset 'other'"):
+        load_meta(tmp_path / "m.json")
+    (tmp_path / "m.json").write_bytes(orjson.dumps({"docs": entry}))
+    (spec,) = load_meta(tmp_path / "m.json")
+    assert (spec.max_dynamic_patch, spec.min_dynamic_patch, spec.repeat_time) == (6, 2, 2.0)
+    entry |= {"min_dynamic_patch": 8}
+    (tmp_path / "m.json").write_bytes(orjson.dumps({"docs": entry}))
+    with pytest.raises(MetaError, match="min_dynamic_patch 8 .*max_dynamic_patch 6"):
+        load_meta(tmp_path / "m.json")
+
+
+def test_unset_tiling_fields_stay_unset(tmp_path):
+    """A meta entry without min/max_dynamic_patch leaves them to the pipeline (None)."""
+    (tmp_path / "a.jsonl").write_bytes(b"")
+    (tmp_path / "m.json").write_bytes(orjson.dumps({"d": {"root": ".", "annotation": "a.jsonl"}}))
+    (spec,) = load_meta(tmp_path / "m.json")
+    assert spec.max_dynamic_patch is None and spec.min_dynamic_patch is None
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("shard_lines", [1, 50])
+def test_utf8_bom_on_the_first_line_is_accepted(tmp_path, shard_lines):
+    first, second = _line(image="ok.png", id=1), _line(image="ok.png", id=2)
+    meta = _dataset(tmp_path, [first, second, first])
+    ann = tmp_path / "ann.jsonl"
+    ann.write_bytes(BOM + ann.read_bytes())
+    run = RunFolder(tmp_path / "run")
+    summary = ingest(meta, run, IngestConfig(shard_lines=shard_lines))
+    assert (summary.rows_in, summary.rows_kept, summary.rows_rejected) == (3, 2, 1)
+    samples = run.read("samples").to_pylist()
+    assert [orjson.loads(s["extra"])["id"] for s in samples] == [1, 2]
+    # The BOM is not part of the line: line 3 is the same line as line 1.
+    (dup,) = run.ledger("ingest").to_pylist()
+    assert (dup["line"], dup["rule"]) == (3, "duplicate_sample") and "line 1" in dup["detail"]
+
+
+def test_bom_on_a_later_line_is_still_malformed(tmp_path):
+    run, _ = _run(tmp_path, [_line(image="ok.png"), BOM + _line(image="ok.png", id=2)])
+    assert [e["rule"] for e in run.ledger("ingest").to_pylist()] == ["malformed_json"]
+
+
+@pytest.mark.parametrize("empty", ["", []])
+def test_empty_image_field_is_text_only(tmp_path, empty):
+    """InternVL reads a line whose image is "" (or []) as pure text."""
+    text = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    run, summary = _run(tmp_path, [_line(image=empty, conversations=text)])
+    assert summary.rows_kept == 1
+    (row,) = run.read("samples").to_pylist()
+    assert row["kind"] == "text" and row["images"] == [] and row["video"] is None
+
+
+def test_empty_video_field_is_text_only(tmp_path):
+    text = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    run, summary = _run(tmp_path, [_line(video="", conversations=text)])
+    (row,) = run.read("samples").to_pylist()
+    assert summary.rows_kept == 1 and row["kind"] == "text" and row["video"] is None
+
+
+def test_empty_image_with_a_placeholder_is_a_count_mismatch(tmp_path):
+    run, _ = _run(tmp_path, [_line(image="")])
+    assert [e["rule"] for e in run.ledger("ingest").to_pylist()] == ["image_count_mismatch"]
+
+
+def test_symlink_loop_is_named(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink("d2", root / "d1")
+    os.symlink("d1", root / "d2")
+    run, _ = _run(tmp_path, [_line(image="loop_a.png"), _line(image="d1/x.png", id=2)])
+    first, second = run.ledger("ingest").to_pylist()
+    assert first["rule"] == second["rule"] == "symlink_loop"
+    assert "loop_a.png -> loop_b.png -> loop_a.png" in first["detail"]
+    assert "d1 -> d2 -> d1" in second["detail"]
+
+
+def test_video_folder_in_a_symlink_loop_is_named(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink("v2", root / "v1")
+    os.symlink("v1", root / "v2")
+    video = {"video": "v1", "conversations": [{"from": "human", "value": "What?"}, OK_TURNS[1]]}
+    run, _ = _run(tmp_path, [orjson.dumps(video)])
+    (entry,) = run.ledger("ingest").to_pylist()
+    assert entry["rule"] == "symlink_loop" and "v1 -> v2 -> v1" in entry["detail"]

@@ -182,6 +182,29 @@ def test_both_caps_binding_stays_within_requirement() -> None:
     assert stats.ratio <= 1.015
 
 
+def test_both_caps_binding_within_half_a_percent_of_the_best_bound() -> None:
+    # rho ~0.97 at 16384/48 (issue 16): the gap to the best proven bound, seed fixed.
+    from curate.stages.pack.bounds import best_bound
+
+    profile = replace(REALISTIC, image_text_median=330)
+    tok, til = mixture(20000, 16384, 48, seed=6, profile=profile)
+    rho = (tok.sum() / 16384) / (til.sum() / 48)
+    assert 0.95 < rho < 1.0
+    packs = pack_lengths(tok, til, max_tokens=16384, max_tiles=48)
+    cert = best_bound(len(packs), tok, til, max_tokens=16384, max_tiles=48, packing=packs)
+    assert cert.gap <= 0.005  # measured 0.20%
+
+
+def test_combined_fit_packer_is_valid_and_never_worse_where_it_runs() -> None:
+    from curate.stages.pack.binpack import _pack_by_combined_fit
+
+    profile = replace(REALISTIC, image_text_median=450)
+    tok, til = mixture(5000, 16384, 48, seed=9, profile=profile)
+    combined = _pack_by_combined_fit(tok, til, 16384, 48)
+    assert_valid(combined, tok, til, 16384, 48)
+    assert len(pack_lengths(tok, til, max_tokens=16384, max_tiles=48)) <= len(combined)
+
+
 def test_tile_heavy_mixture_reaches_the_tile_lp_bound() -> None:
     # Mostly 13-tile images with short answers: ceil(sum / K) is out of reach, the LP bound not.
     tok, til = mixture(20000, 16384, 48, seed=7, profile=IMAGE_HEAVY)

@@ -143,10 +143,9 @@ def test_label_probabilities_equal_a_transformers_forward_pass(small_run, scorer
                 ref[int(labels.first[tid])] += p
         got = results[job.key].reading
         assert got.probs == pytest.approx(ref, abs=2e-4)
-        # The constrained greedy choice: best first token, then its best continuation.
-        best = max(p_first, key=p_first.get)
-        want = labels.first[best] if best != one else labels.next[one][max(p_cont, key=p_cont.get)]
-        assert got.score == int(want)
+        # The stored score is the most probable label, not the constrained greedy choice
+        # (best first token, then its best continuation); equal up to the engine's rounding.
+        assert ref[got.score] >= max(ref) - 5e-4
 
 
 def test_thresholds_reach_the_ledger(scored, scorer, tmp_path):

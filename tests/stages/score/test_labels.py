@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from curate.stages.score.labels import LABELS, LabelSet, RawOutput
+from curate.stages.score.labels import LABELS, LabelSet, RawOutput, most_probable
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,22 @@ def test_choice_without_logprobs_still_gives_the_score(split_digits):
 
 def test_labels_are_zero_to_ten():
     assert tuple(str(i) for i in range(11)) == LABELS
+
+
+def test_stored_score_is_the_most_probable_label_not_the_greedy_choice(split_digits):
+    """Greedy decoding under the constraint picks "1" when P(1) + P(10) is the largest first
+    token, then "0": the issue's sample with P(10) = 0.086 and P(7) = 0.1365 came out as 10."""
+    ls = LabelSet(split_digits)
+    d = {k: split_digits.convert_tokens_to_ids(str(k)) for k in range(10)}
+    firsts = {d[k]: 0.0955 for k in (0, 2, 3, 4, 5, 6, 8, 9)} | {d[7]: 0.1365, d[1]: 0.1}
+    raw = RawOutput("10", [d[1], d[0]], [_lp(firsts), _lp({d[0]: 0.86, ls.eos: 0.14})])
+    r = ls.read(raw)
+    assert r.probs[10] == pytest.approx(0.086, abs=1e-3)
+    assert r.score == 7 == max(range(11), key=lambda s: r.probs[s])
+    assert r.expected == pytest.approx(sum(s * p for s, p in enumerate(r.probs)))
+
+
+def test_most_probable_ties_go_to_the_lower_label():
+    probs = [0.0] * 11
+    probs[4] = probs[9] = 0.5
+    assert most_probable(probs) == 4

@@ -360,3 +360,29 @@ def test_settings_separate_decisions_from_raw_scores(judge, tmp_path):
     assert content_fingerprint(base, judge, PromptLibrary(tmp_path)) != content
     mine = ScoreStage(score_config(prompts_dir=tmp_path), judge).settings()
     assert mine["content"] != content and mine["decisions"] == settings["decisions"]
+
+
+def test_memo_written_with_the_greedy_choice_gives_the_most_probable_label(tmp_path, judge):
+    """A memo saved before scores were the most probable label re-decides from its stored
+    probabilities (no new request), and the stage's settings change so its shards are redone."""
+    from curate.stages.score.stage import load_cache
+
+    probs = [0.0955] * 11
+    probs[7], probs[10], probs[1] = 0.1365, 0.086, 0.014
+    row = {
+        "sample_id": "s0",
+        "check": "quality",
+        "prompt": "general",
+        "score": 10,  # the constrained greedy choice
+        "expected": 5.0,
+        "probs": probs,
+        "reason": None,
+        "prompt_tokens": 10,
+        "fingerprint": "f",
+    }
+    memo = Memo(RunFolder(tmp_path), STAGE, "shard", CACHE_SCHEMA)
+    memo.save(pa.Table.from_pylist([row, {**row, "sample_id": "s1", "probs": None}]))
+    done = load_cache(memo, "f")
+    assert done[("s0", "quality", "general")].reading.score == 7
+    assert done[("s1", "quality", "general")].reading.score == 10  # no probabilities: the choice
+    assert ScoreStage(score_config(), judge).settings()["score"] == "most_probable_label"
