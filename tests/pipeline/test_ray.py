@@ -1,7 +1,7 @@
 """Scale-out on Ray: the same pipeline on a Ray cluster gives the same run folder.
 
 A local Ray (``ray.init(num_cpus=4)`` on this 2-core machine: more task slots than cores, as
-shared/VLLM_CPU.md found Ray needs) stands in for a cluster, and the judge runs as one vLLM
+Ray on a small CPU machine needs) stands in for a cluster, and the judge runs as one vLLM
 engine actor on the CPU (``num_gpus_per_engine: 0``). Outputs are compared by digest: every
 Parquet file's sorted rows, every marker and stats file without its timings; label
 probabilities, which vLLM does not reproduce to the last bit even between two local runs,
