@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from curate.core.folder import RunFolder
@@ -76,7 +78,7 @@ class ShardInput:
         if not rejected:
             return table
         ids = table.column("sample_id")
-        keep = pa.compute.invert(pa.compute.is_in(ids, pa.array(sorted(rejected))))
+        keep = pc.invert(pc.is_in(ids, pa.array(sorted(rejected))))
         return table.filter(keep)
 
 
@@ -88,9 +90,9 @@ def rejected_ids(run: RunFolder, stages: Sequence[str], shards: Sequence[str]) -
         for shard in shards:
             path = run.ledger_path(stage, shard)
             if path.exists():
-                t = pa.parquet.read_table(path, columns=["sample_id", "severity"])
+                t = pq.read_table(path, columns=["sample_id", "severity"])
                 sev = t.column("severity")
-                ids.update(t.filter(pa.compute.equal(sev, "reject"))["sample_id"].to_pylist())
+                ids.update(t.filter(pc.equal(sev, "reject"))["sample_id"].to_pylist())
     return ids
 
 
