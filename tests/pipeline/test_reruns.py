@@ -155,6 +155,7 @@ def test_threshold_change_rescores_only_newly_kept(workspace):
     newly_kept = _rejected_by(run, "zero_run")
     assert newly_kept and not newly_kept & ids(run, "scores")
     memo_before = {p.name: len(pl.read_parquet(p)) for p in (run / "_cache" / "score").glob("*")}
+    scored_before = _memo_ids(run)
 
     curate_run(write_pipeline(workspace, filter={"rules": {"zero_run": {"threshold": 10_000}}}))
     assert not _rejected_by(run, "zero_run")
@@ -167,7 +168,14 @@ def test_threshold_change_rescores_only_newly_kept(workspace):
         if len(pl.read_parquet(p)) != memo_before.get(p.name)
     }
     assert set(again["score"]) == touched and 1 <= len(touched) <= len(newly_kept)
+    assert _memo_ids(run) - scored_before == newly_kept  # the judge saw nothing else
     assert again["ingest"] == again["budget"] == []
+
+
+def _memo_ids(run: Path) -> set[str]:
+    """Samples the judge has answered for (its memo of raw results)."""
+    files = sorted((run / "_cache" / "score").glob("*.parquet"))
+    return set(pl.read_parquet(files)["sample_id"].to_list()) if files else set()
 
 
 def test_raising_the_token_cap_packs_over_cap_samples_on_first_rerun(workspace):
