@@ -67,7 +67,7 @@ FLAVORS: dict[str, dict] = {
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            tie_word_embeddings=True,
+            tie_word_embeddings=False,  # InternVL2.5-1B unties them: 938M parameters, not 802M
         ),
         "downsample_ratio": 0.5,
     },

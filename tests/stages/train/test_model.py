@@ -46,6 +46,19 @@ def test_1b_flavor_shapes():
     assert cfg.text_config.vocab_size == 151674 and m.tokens_per_tile(cfg) == 256
 
 
+def test_1b_flavor_has_internvl2_5_1b_parameter_count():
+    """InternVL2.5-1B has 938M parameters (untied input and output embeddings of the 151,674
+    token vocabulary); counted on the meta device, so no weights are allocated."""
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = m.internvl_config("1b", vocab_size=None, image_token_id=151667)
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert round(n / 1e6) == 938, n
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+
 def test_save_load_and_assemble(debug_model, tokenizer, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
