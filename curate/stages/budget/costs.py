@@ -20,10 +20,15 @@ class TilingParams:
 
 def frame_indices(n_available: int, n_wanted: int) -> list[int]:
     """Frames picked from a video: the middle of ``n_wanted`` equal intervals (InternVL's
-    'middle' sampling), or every frame when there are fewer."""
+    'middle' sampling), or every frame when there are fewer.
+
+    InternVL's ``get_frame_indices``: interval k covers frames ``[edge_k, edge_{k+1} - 1]``
+    (edges ``linspace(0, n_available, n + 1)`` truncated to int) and its middle is
+    ``(start + end) // 2`` with that inclusive end.
+    """
     n = min(n_available, n_wanted)
     edges = np.linspace(0, n_available, num=n + 1).astype(int)
-    return [int((a + b) // 2) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [int((a + b - 1) // 2) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def image_grids(images: list[dict], kind: str, p: TilingParams) -> tuple[list[dict], list[int]]:

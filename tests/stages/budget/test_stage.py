@@ -52,9 +52,24 @@ def test_multi_image_and_video_budgets(budgeted_run):
         assert all(g == {"cols": 1, "rows": 1, "thumbnail": False} for g in row["grids"])
 
 
+def internvl_middle_frames(vlen: int, num_frames: int) -> list[int]:
+    """An independent reading of InternVL's ``get_frame_indices(sample='middle')``: the
+    interval boundaries are ``linspace(0, vlen, n + 1)`` truncated, each range ends one frame
+    before the next starts, and the frame is the floor of the range's midpoint."""
+    n = min(num_frames, vlen)
+    bounds = [int(vlen * k / n) for k in range(n + 1)]
+    ranges = [(bounds[k], bounds[k + 1] - 1) for k in range(n)]
+    return [(start + end) // 2 for start, end in ranges]
+
+
 def test_frame_indices_middle_of_intervals():
-    assert frame_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
+    # By hand: 10 frames, 4 wanted -> ranges 0-1, 2-4, 5-6, 7-9 -> middles 0, 3, 5, 8.
+    assert frame_indices(10, 4) == [0, 3, 5, 8]
+    assert frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
     assert frame_indices(5, 8) == [0, 1, 2, 3, 4]
+    for vlen in range(1, 60):
+        for wanted in (1, 2, 3, 4, 7, 8, 16, 32):
+            assert frame_indices(vlen, wanted) == internvl_middle_frames(vlen, wanted)
 
 
 def test_copies_and_table(budgeted_run):
