@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -261,6 +262,15 @@ def render_report(
     )
 
 
+# Control characters HTML forbids (sample text may hold NUL and friends): shown as \xNN.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def visible_controls(html: str) -> str:
+    """The page with every forbidden control character written as a visible ``\\xNN``."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", html)
+
+
 def write_report(
     run: RunTables | RunFolder | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -271,7 +281,7 @@ def write_report(
     tables = run if isinstance(run, RunTables) else load_run_tables(run)
     path = Path(out) if out is not None else tables.run.path / "report.html"
     result = ReportResult(path=path)
-    data = render_report(tables, per_rule, thumb_px, result).encode("utf-8")
+    data = visible_controls(render_report(tables, per_rule, thumb_px, result)).encode("utf-8")
     write_bytes_atomic(data, path)
     result.bytes = len(data)
     return result

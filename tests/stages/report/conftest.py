@@ -26,7 +26,7 @@ from curate.core.records import LedgerEntry, ledger_table
 from tests.conftest import run_stages
 
 HOSTILE = "<script>alert(1)</script>\"><img src=x onerror=alert(2)> run of 'a'"
-HOSTILE_CONVERSATION = '<script>alert(1)</script>"><img src=x onerror="alert(2)">'
+HOSTILE_CONVERSATION = '<script>alert(1)</script>"><img src=x onerror="alert(2)"> NUL\x00 bell\x07'
 
 
 def _plant_ids(run: RunFolder) -> dict[str, list[str]]:

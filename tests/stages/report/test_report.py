@@ -68,6 +68,13 @@ def test_report_escapes_hostile_text(hostile_report):
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 2
 
 
+def test_report_shows_control_characters_instead_of_writing_them(hostile_report):
+    """HTML forbids NUL and most C0 controls: sample text holding them is shown as \\xNN."""
+    run, ids, result, html = hostile_report
+    assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", html)
+    assert "NUL\\x00 bell\\x07" in html
+
+
 def test_gallery_per_rule_with_values_and_cap(hostile_report):
     run, ids, result, html = hostile_report
     assert result.per_rule["filter / many_rule (flag)"] == (5, 8)
