@@ -1,1 +1,1 @@
-"""Packing: samples into packs of at most C tokens and K tiles (see DESIGN.md §1 "Packing")."""
+"""Packing: samples into packs of at most C tokens and K tiles."""

@@ -3,7 +3,7 @@
 InternVL packs online (first fit over a buffer of 20 open packs, see `internvl_packer`), which
 costs a few percent more packs than needed when tiles bind and 10-30% more when tokens do.
 Curation knows every sample's (tokens, tiles) before training, so it packs offline, close to
-the lower bound max(ceil(sum tokens / C), ceil(sum tiles / K)) (DESIGN.md §4).
+the lower bound max(ceil(sum tokens / C), ceil(sum tiles / K)).
 
 No single greedy is good everywhere, so four packers cover the range of the mixture's load
 ratio rho = (sum tokens / C) / (sum tiles / K) (above 1 tokens bind, below 1 tiles do). Those
@@ -64,7 +64,7 @@ _BASELINE_GAP = 0.005
 # Below this load ratio the tile LP bound (a fraction of a second) sharpens the bound used to
 # stop early and to decide on the baseline check.
 _TILE_LP_BOUND_BELOW = 1.25
-# A packing this close to the lower bound (DESIGN.md §4's target) ends the search: the other
+# A packing this close to the lower bound (the target curate aims at) ends the search: the other
 # packers in range are not tried.
 _GOOD_ENOUGH = 0.001
 

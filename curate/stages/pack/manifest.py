@@ -1,4 +1,4 @@
-"""The pack manifest: the contract between curation and training (DESIGN §3).
+"""The pack manifest: the contract between curation and training.
 
 One row per pack. ``input_ids``/``labels`` are the concatenated samples (labels −100 where not
 trained); ``seq_lens[k]`` is the k-th sample's token count, so ``cu_seqlens`` is their running

@@ -63,7 +63,7 @@ def test_grid_parity_ties_and_min_tiles():
 
 
 def test_known_cases():
-    assert select_grid(640, 500) == (4, 3)  # DESIGN: aspect ratio only, 12 tiles + thumbnail
+    assert select_grid(640, 500) == (4, 3)  # aspect ratio only: 12 tiles + thumbnail
     assert count_tiles(640, 500) == 13
     assert count_tiles(448, 448) == 1  # a single tile gets no thumbnail
     assert count_tiles(640, 500, use_thumbnail=False) == 12

@@ -168,7 +168,7 @@ def test_close_to_the_lower_bound(max_tokens: int, max_tiles: int) -> None:
     tok, til = mixture(20000, max_tokens, max_tiles, seed=5)
     packs = pack_lengths(tok, til, max_tokens=max_tokens, max_tiles=max_tiles)
     stats = pack_stats(packs, tok, til, max_tokens=max_tokens, max_tiles=max_tiles)
-    assert stats.ratio <= 1.015  # the requirement; measured ~1.0005 (DESIGN.md §4 aims at 0.1%)
+    assert stats.ratio <= 1.015  # the requirement; measured ~1.0005 (the aim is 0.1%)
     assert stats.ratio <= 1.003
 
 
