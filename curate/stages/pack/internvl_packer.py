@@ -149,7 +149,7 @@ def synthetic_mixture(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (tokens, tiles) for n shuffled samples shaped like an InternVL 2.5 SFT mixture.
 
-    Kinds (as in InternVL 2.5's SFT mix): text-only (0 tiles, 100-2000 tokens); single image (grid of 1-12
+    Kinds: text-only (0 tiles, 100-2000 tokens); single image (grid of 1-12
     tiles, plus a thumbnail when more than one, 256 tokens per tile, plus text); multi-image
     (2-6 images, each at most max(1, 12 // N) grid tiles); video (8-32 one-tile frames).
     """
