@@ -106,9 +106,14 @@ class GlobalInput:
     requires: dict[str, str] = field(default_factory=dict)  # stage -> its table
     flagged: str = "exclude"
 
+    _status: object = field(default=None, init=False, repr=False)
+
     def status(self):
-        """Every sample's status from the respected stages' ledgers and review decisions."""
-        return sample_status(self.run, self.respects, self.requires, self.flagged)
+        """Every sample's status from the respected stages' ledgers and review decisions
+        (computed once: the stage and the engine's count check both ask)."""
+        if self._status is None:
+            self._status = sample_status(self.run, self.respects, self.requires, self.flagged)
+        return self._status
 
 
 @dataclass

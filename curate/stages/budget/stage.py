@@ -151,7 +151,8 @@ class BudgetStage(ShardStage):
 
     def shard_inputs(self, run: RunFolder, shard: str) -> dict[str, str]:
         # A dataset's own tiling settings in the meta JSON decide its grids.
-        names = set(run.read("samples", [shard], columns=["dataset"])["dataset"].to_pylist())
+        # The shard's datasets, from ingest's marker (no need to read the shard itself).
+        names = set((run.marker("ingest", shard) or {}).get("by_dataset", {}))
         datasets = run.datasets()
         tiling = {n: [datasets.get(n, {}).get(k) for k in TILING_KEYS] for n in sorted(names)}
         return {"tiling": str(tiling)}
