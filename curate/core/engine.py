@@ -119,9 +119,11 @@ def digest(obj: object) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
 
 
-def _run_shard(stage: ShardStage, run_path: str, shard: str) -> ShardOutput:
+def _run_shard(
+    stage: ShardStage, run_path: str, respects: tuple[str, ...], shard: str
+) -> ShardOutput:
     # Module level so executors can pickle it with the stage.
-    return stage.process(ShardInput(run_path, shard, stage.respects))
+    return stage.process(ShardInput(run_path, shard, respects))
 
 
 class Engine:
@@ -144,6 +146,11 @@ class Engine:
     def _upstream(self, stage: Stage) -> list[str]:
         names = [*stage.reads, *stage.respects, *getattr(stage, "requires", ())]
         return list(dict.fromkeys(n for n in names if n in self.stages))
+
+    def _respected(self, stage: Stage) -> tuple[str, ...]:
+        """The respected stages this pipeline has: a stage left out of the pipeline file
+        (its old ledger may still be on disk) removes nothing from the input."""
+        return tuple(n for n in stage.respects if n in self.stages)
 
     def _output_of(self, name: str, shard: str | None) -> str | None:
         """The output hash of an upstream unit (None: it has not run)."""
@@ -245,7 +252,7 @@ class Engine:
             return
         for name in todo:  # a shard being redone is not done until its new marker exists
             self.run.marker_path(stage.name, name).unlink(missing_ok=True)
-        process = partial(_run_shard, stage, str(self.run.path))
+        process = partial(_run_shard, stage, str(self.run.path), self._respected(stage))
         if getattr(stage, "runs_on_driver", False):
             executor, workers = LocalExecutor(), 1  # holds an engine (the judge): no pickling
         else:
@@ -257,7 +264,7 @@ class Engine:
     def _commit_shard(self, stage: ShardStage, unit: Unit, out: ShardOutput, seconds: float):
         ledger = out.ledger.cast(LEDGER_SCHEMA)
         if out.rows_in is None:
-            inp = ShardInput(str(self.run.path), unit.name, stage.respects)
+            inp = ShardInput(str(self.run.path), unit.name, self._respected(stage))
             counts = count_rows(stage.name, unit.name, inp.samples(KEY_COLUMNS), out.rows, ledger)
         else:
             counts = count_source(stage.name, unit.name, out.rows_in, out.rows, ledger)
@@ -282,7 +289,7 @@ class Engine:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         requires = {n: self.stages[n].table for n in stage.requires if n in self.stages}
-        inp = GlobalInput(self.run, staging, stage.respects, requires, stage.flagged)
+        inp = GlobalInput(self.run, staging, self._respected(stage), requires, stage.flagged)
         t0 = time.perf_counter()
         out = stage.run(inp)
         counts = self._global_counts(stage, inp, out)
@@ -316,7 +323,7 @@ class Engine:
         if out.rows is None:
             return {}
         ledger = (out.ledger or LEDGER_SCHEMA.empty_table()).cast(LEDGER_SCHEMA)
-        if stage.respects or stage.requires:
+        if inp.respects or inp.requires:
             import polars as pl
 
             status = inp.status().filter(pl.col("status") == "keep").select("sample_id")
