@@ -48,9 +48,6 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
-    def dir(self, name: str) -> Path:
-        return self.path / name
-
     def shard_path(self, name: str, shard: str) -> Path:
         return self.path / name / f"{shard}.parquet"
 

@@ -262,16 +262,3 @@ class IngestStage(ShardStage):
         # Ship only the tasks to worker processes (not the planning's line lists).
         self.tasks()
         return {**self.__dict__, "_specs": [], "_line_counts": {}}
-
-
-def plan_size(meta: str, shard_lines: int) -> int:
-    """How many shards ingest will have (for a progress bar), from line counts alone."""
-    total = 0
-    for spec in load_meta(meta):
-        if spec.annotation.endswith(".parquet"):
-            n = pq.ParquetFile(spec.annotation).metadata.num_rows
-        else:
-            data = Path(spec.annotation).read_bytes()
-            n = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-        total += max(1, -(-n // shard_lines))
-    return total
