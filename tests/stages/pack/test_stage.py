@@ -217,6 +217,7 @@ def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run
     # A later stage rejected `restored` and flagged `flagged`; review restores one, drops another.
     from curate.core.io import write_parquet_atomic
     from curate.core.records import LedgerEntry, ledger_table
+    from tests.conftest import mark_planted
 
     flagged = samples[2]
     write_parquet_atomic(
@@ -232,6 +233,7 @@ def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run
         ),
         run.ledger_path("filter", "manual"),
     )
+    mark_planted(run, "filter", "manual")
     cfg = PackConfig(max_tokens=8192, max_tiles=40)
     report = pack(run, cfg, tokenizer_dir).report
     ids = _packed_ids(run)

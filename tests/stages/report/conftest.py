@@ -23,7 +23,7 @@ import pytest
 from curate.core.folder import RunFolder
 from curate.core.io import write_parquet_atomic
 from curate.core.records import LedgerEntry, ledger_table
-from tests.conftest import run_stages
+from tests.conftest import mark_planted, run_stages
 
 HOSTILE = "<script>alert(1)</script>\"><img src=x onerror=alert(2)> run of 'a'"
 HOSTILE_CONVERSATION = '<script>alert(1)</script>"><img src=x onerror="alert(2)"> NUL\x00 bell\x07'
@@ -105,6 +105,8 @@ def plant(run: RunFolder) -> dict[str, list[str]]:
         for sid, v in low.items()
     ]
     write_parquet_atomic(ledger_table(score_rows), run.ledger_path("score", "x"))
+    mark_planted(run, "filter", "x")
+    mark_planted(run, "score", "x")
     return ids
 
 
