@@ -230,6 +230,16 @@ RULES: tuple[Rule, ...] = (
         "image",
         "an image is near-uniform: grey-level standard deviation (0-255) below this",
     ),
+    Rule(
+        "image_clipped",
+        "max_clipped_share",
+        ">",
+        0.01,
+        "flag",
+        "image",
+        "a 16-bit or float image (mode I;16, I, F) of which more than this share of pixels is"
+        " clipped to 0 or 255 by the trainer's convert('RGB')",
+    ),
 )
 
 RULES_BY_NAME: dict[str, Rule] = {r.name: r for r in RULES}

@@ -49,6 +49,7 @@ METRICS = (
     "max_aspect_ratio",
     "unreadable_images",
     "min_image_std",
+    "max_clipped_share",
 )
 
 
@@ -229,6 +230,12 @@ def _answers_of(batch: Batch, i: int) -> list[tuple[int, str]]:
     ]
 
 
+def _mode_note(mode: str) -> str:
+    if img.clipped_mode(mode):
+        return f" (mode {mode}: convert('RGB') clips it at 255, as the trainer will see it)"
+    return ""
+
+
 def describe(
     rule: str, batch: Batch, i: int, value: float, r: ResolvedRule, cfg: FilterConfig
 ) -> str:
@@ -268,9 +275,17 @@ def describe(
             f"{im['path'].rsplit('/', 1)[-1]} {im['width']}x{im['height']}" for im in images[:4]
         )
         return f"{base}: {sizes}"
+    if rule == "image_clipped":
+        modes = [
+            f"{im['path']} (mode {batch.pixels[im['path']].mode}, "
+            f"{batch.pixels[im['path']].clipped:.1%} clipped)"
+            for im in images
+            if im["path"] in batch.pixels and batch.pixels[im["path"]].clipped > r.threshold
+        ]
+        return f"{base}: {', '.join(modes[:4])}"
     if rule == "image_blank":
         blank = [
-            im["path"]
+            im["path"] + _mode_note(batch.pixels[im["path"]].mode)
             for im in images
             if im["path"] in batch.pixels and batch.pixels[im["path"]].std < r.threshold
         ]

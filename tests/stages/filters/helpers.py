@@ -74,11 +74,16 @@ def image(
     *,
     blank: bool = False,
     truncate: bool = False,
+    sixteen_bit: bool = False,
     seed: int = 0,
 ) -> dict:
-    """Write a noisy (or blank) image and return its SAMPLE_SCHEMA entry."""
+    """Write a noisy (or blank, or 16-bit grey) image and return its SAMPLE_SCHEMA entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if blank:
+    if sixteen_bit:  # bright 16-bit grey with a few dark pixels: the trainer sees white
+        values = np.full((height, width), 40_000, dtype=np.uint16)
+        values[:2, : width // 4] = 10
+        im = Image.fromarray(values)
+    elif blank:
         im = Image.new("RGB", (width, height), (200, 200, 200))
     else:
         rng = np.random.default_rng(seed)

@@ -60,6 +60,9 @@ def _bad_samples(tmp) -> dict[str, dict]:
         "image_blank": sample(
             "A photo.", images=[image(tmp / "img" / "blank.png", 200, 200, blank=True)]
         ),
+        "image_clipped": sample(
+            "A scan.", images=[image(tmp / "img" / "scan16.png", 160, 120, sixteen_bit=True)]
+        ),
     }
 
 
@@ -222,3 +225,26 @@ def test_images_not_decoded_when_disabled(tmp_path):
     row = sample("A photo.", images=[image(tmp_path / "t.jpg", 400, 300, truncate=True)])
     metrics, reasons = check_sample(row, FilterConfig(decode_images=False))
     assert reasons == [] and metrics["unreadable_images"] != metrics["unreadable_images"]  # NaN
+
+
+def test_sixteen_bit_grey_is_flagged_as_clipped(tmp_path):
+    """A 16-bit grey scan keeps some spread in its thumbnail but the trainer's convert("RGB")
+    clips almost all of it to white: its own rule says so, with the mode and the share."""
+    import numpy as np
+    from PIL import Image
+
+    row = sample("A scan.", images=[image(tmp_path / "scan16.png", 160, 120, sixteen_bit=True)])
+    with Image.open(row["images"][0]["path"]) as im:
+        assert im.mode.startswith("I")
+        assert (np.asarray(im.convert("RGB")) == 255).mean() > 0.99
+    metrics, reasons = check_sample(row)
+    assert metrics["min_image_std"] > 2  # why the blank rule alone missed it
+    (hit,) = [r for r in reasons if r.rule == "image_clipped"]
+    assert hit.value > 0.99 and "mode I;16" in hit.detail and "% clipped" in hit.detail
+
+
+def test_eight_bit_image_is_not_clipped(tmp_path):
+    row = sample("A photo.", images=[image(tmp_path / "rgb.png", 64, 64)])
+    metrics, reasons = check_sample(row)
+    assert metrics["max_clipped_share"] == 0
+    assert not [r for r in reasons if r.rule == "image_clipped"]
