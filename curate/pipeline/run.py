@@ -70,8 +70,9 @@ def build_stages(config: PipelineConfig, executor: Executor | None = None) -> li
         _needs(s.budget, "stages.budget (pack packs the budget's grids)")
         tokenizer = _needs(models.tokenizer, "models.tokenizer")
         judged = tuple(n for n in ("filter", "score") if getattr(s, n) is not None)
+        decoded = s.filter is not None and s.filter.decode_images  # else tokenize decodes
         stages += [
-            TokenizeStage(s.pack, tokenizer, s.budget.image_size),
+            TokenizeStage(s.pack, tokenizer, s.budget.image_size, verify_images=not decoded),
             PackStage(s.pack, tokenizer, judged, ("score",) if s.score is not None else ()),
         ]
     if s.train is not None:

@@ -30,7 +30,7 @@ def test_sections_become_engine_stages_in_order(tmp_path, demo_dir, tokenizer_di
     names = [s.name for s in build_stages(_config(tmp_path, demo_dir, tokenizer_dir))]
     assert names == ["ingest", "budget", "repeat", "duplicates", "filter", "tokenize", "pack"]
     pack = build_stages(_config(tmp_path, demo_dir, tokenizer_dir))[-1]
-    assert pack.respects == ("filter",) and pack.requires == ()
+    assert pack.respects == ("filter", "tokenize") and pack.requires == ()
 
 
 def test_single_command_refuses_missing_then_stale_upstream(tmp_path, demo_dir, tokenizer_dir):
@@ -50,3 +50,37 @@ def test_single_command_refuses_missing_then_stale_upstream(tmp_path, demo_dir, 
     summary = changed.run_section("pack")["pack"]
     assert summary.redone == ["all"]
     assert not any(item.plan.todo for item in changed.plan())
+
+
+@pytest.mark.parametrize("filter_section", [None, {"workers": 1, "decode_images": False}])
+def test_no_image_reaches_packs_unverified(tmp_path, demo_dir, tokenizer_dir, filter_section):
+    """Without a filter stage that decodes pixels, tokenize decodes every image and rejects the
+    samples whose images cannot be decoded (the demo has a truncated JPEG): none is packed."""
+    import polars as pl
+
+    from curate.core.folder import RunFolder
+
+    stages = {"ingest": {"shard_lines": 40}, "budget": {}, "pack": {"max_tokens": 8192}}
+    if filter_section is not None:
+        stages["filter"] = filter_section
+    config = validate(
+        {
+            "run": str(tmp_path / "run"),
+            "meta": str(demo_dir / "meta.json"),
+            "models": {"tokenizer": str(tokenizer_dir)},
+            "stages": stages,
+        },
+        "test",
+    )
+    Pipeline(config).run_stages()
+    run = RunFolder(tmp_path / "run")
+    ledger = pl.from_arrow(run.ledger("tokenize"))
+    bad = ledger.filter(pl.col("rule") == "image_unreadable")
+    assert len(bad) >= 1 and bad["detail"].str.contains("bad_truncated.jpg").all()
+    packed = pl.read_parquet(run.path / "pack" / "all.parquet").filter(pl.col("copies") > 0)
+    assert len(packed) and not set(bad["sample_id"]) & set(packed["sample_id"])
+
+
+def test_filter_that_decodes_spares_tokenize_the_work(tmp_path, demo_dir, tokenizer_dir):
+    tokenize = build_stages(_config(tmp_path, demo_dir, tokenizer_dir))[-2]
+    assert tokenize.name == "tokenize" and not tokenize.verify_images

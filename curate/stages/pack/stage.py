@@ -281,7 +281,8 @@ class PackStage(GlobalStage):
     ) -> None:
         super().__init__(config)
         self.tokenizer = str(Path(tokenizer).resolve())
-        self.respects = respects
+        # tokenize rejects samples whose images cannot be decoded: never packed, whatever else
+        self.respects = tuple(dict.fromkeys((*respects, "tokenize")))
         self.requires = requires
         self.flagged = config.flagged
 

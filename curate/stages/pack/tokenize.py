@@ -4,6 +4,10 @@ Each sample goes through the ``internvl2_5`` template with every ``<image>`` exp
 ``<img>`` + ``<IMG_CONTEXT>`` x 256·tiles + ``</img>`` using the grids the budget chose, and
 gets InternVL's labels (answers and their ``<|im_end|>`` only). Review decisions do not affect
 this step, so changing a decision later re-packs without re-tokenising.
+
+No image reaches training unverified: when no filter stage decodes pixels (a pipeline without
+``filter``, or ``decode_images: false``), this stage decodes every image once per shard and
+rejects the samples whose images cannot be decoded (``image_unreadable``), as the filter would.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import pyarrow as pa
 
 from curate.core.chat import IGNORE_INDEX, segments, tokenize
 from curate.core.folder import RunFolder
+from curate.core.images import decode_error
 from curate.core.io import path_identity
+from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import ShardInput, ShardOutput, ShardStage
 from curate.stages.budget.stage import cached_tokenizer
 from curate.stages.budget.tiling import tokens_per_tile
@@ -91,10 +97,17 @@ class TokenizeStage(ShardStage):
     name = STAGE
     reads = ("ingest", "budget")
 
-    def __init__(self, config: PackConfig, tokenizer: str | Path, image_size: int = 448) -> None:
+    def __init__(
+        self,
+        config: PackConfig,
+        tokenizer: str | Path,
+        image_size: int = 448,
+        verify_images: bool = True,
+    ) -> None:
         super().__init__(config)
         self.tokenizer = str(Path(tokenizer).resolve())
         self.image_size = image_size
+        self.verify_images = verify_images  # True when no filter stage decodes the pixels
         self.workers = config.workers
         self.augment: dict[str, bool] = {}
 
@@ -107,6 +120,7 @@ class TokenizeStage(ShardStage):
             "system_prompt": self.config.system_prompt,
             "tokenizer": path_identity(self.tokenizer),
             "image_size": self.image_size,
+            "verify_images": self.verify_images,
         }
 
     def extra_inputs(self, run: RunFolder) -> dict[str, str]:
@@ -134,4 +148,36 @@ class TokenizeStage(ShardStage):
             )
             for s in samples
         ]
-        return ShardOutput(pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA))
+        entries = unreadable_entries(rows) if self.verify_images else []
+        rejected = {e.sample_id for e in entries}
+        rows = [r for r in rows if r["sample_id"] not in rejected]
+        return ShardOutput(pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA), ledger_table(entries))
+
+
+def unreadable_entries(rows: list[dict]) -> list[LedgerEntry]:
+    """``image_unreadable`` rejections of the rows whose images (or frames) cannot be decoded;
+    each file is decoded once however many samples use it."""
+    errors: dict[str, str] = {}
+    entries = []
+    for r in rows:
+        bad = []
+        for im in r["images"]:
+            if im["path"] not in errors:
+                errors[im["path"]] = decode_error(im["path"])
+            if errors[im["path"]]:
+                bad.append(errors[im["path"]])
+        if bad:
+            detail = "cannot decode " + "; ".join(dict.fromkeys(bad))
+            entries.append(
+                LedgerEntry(
+                    r["sample_id"],
+                    r["dataset"],
+                    r["line"],
+                    STAGE,
+                    "image_unreadable",
+                    value=float(len(bad)),
+                    threshold=0.0,
+                    detail=detail,
+                )
+            )
+    return entries

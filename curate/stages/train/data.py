@@ -85,13 +85,20 @@ def jpeg_degrade(tile: Image.Image, quality: int) -> Image.Image:
         return Image.open(buf).convert("RGB")
 
 
+class UnreadableImage(Exception):
+    """An image of a pack cannot be decoded (it changed or broke after curation)."""
+
+
 def rebuild_tiles(image: dict, *, image_size: int, root: Path | None = None) -> list[Image.Image]:
     """The tiles of one manifest image: its recorded grid, row-major, thumbnail last."""
     path = Path(image["path"])
     if not path.is_absolute() and root is not None:
         path = root / path
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - any decoder failure: the file broke after curation
+        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
     tiles = crop_tiles(
         rgb, image["cols"], image["rows"], image_size=image_size, use_thumbnail=image["thumbnail"]
     )
@@ -170,7 +177,10 @@ class PackBatches:
     ``input_ids``, ``position_ids`` (restarting per sample), ``targets`` (shifted labels),
     ``weights`` (per target token), ``seq_lens``, ``pixel_values`` (N tiles), ``jpeg_quality``
     (per tile, -1 when not augmented), ``weight_sum`` (the whole optimizer step's Σw), and
-    ``step``, ``micro``, ``n_tokens``, ``n_tiles``, ``pack_ids``.
+    ``step``, ``micro``, ``n_tokens``, ``n_tiles``, ``pack_ids``, and ``skipped``: the samples
+    left out because an image could not be read (sample_id, pack_id, detail). Such a sample's
+    tokens leave the batch; the step's Σw still counts them (the other micro-batches of the step
+    are loaded elsewhere), so that step's loss is scaled down by the sample's weight share.
     """
 
     def __init__(
@@ -243,6 +253,7 @@ class PackBatches:
             "n_tokens": int(cat["input_ids"].size),
             "n_tiles": int(pixels.shape[0]),
             "pack_ids": [p["pack_id"] for p in parts],
+            "skipped": [x for p in parts for x in p["skipped"]],
         }
 
     def load_pack(self, i: int, epoch: int) -> dict:
@@ -254,6 +265,7 @@ class PackBatches:
         seq_lens = np.asarray(t.column("seq_lens")[i].as_py(), dtype=np.int64)
         supervised = np.asarray(t.column("supervised")[i].as_py(), dtype=np.int64)
         images = t.column("images")[i].as_py()
+        sample_ids = t.column("sample_ids")[i].as_py()
         if (
             len(ids) != len(labels)
             or seq_lens.sum() != len(ids)
@@ -274,16 +286,30 @@ class PackBatches:
         position_ids = np.arange(len(ids)) - np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
 
         rng = pack_rng(self.layout.seed, pack_id, epoch)
-        tiles, qualities = [], []
+        per_image, skipped = [], {}  # (sample index, tiles, qualities); sample index -> why
         for image in images:
-            these = rebuild_tiles(image, image_size=self.image_size, root=self.root)
+            try:
+                these = rebuild_tiles(image, image_size=self.image_size, root=self.root)
+            except UnreadableImage as e:
+                skipped[image["sample_index"]] = str(e)
+                continue
+            q = np.full(len(these), -1)
             if self.augment and image["data_augment"]:
                 q = rng.integers(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1, size=len(these))
                 these = [jpeg_degrade(tile, qq) for tile, qq in zip(these, q, strict=True)]
-                qualities.extend(q.tolist())
-            else:
-                qualities.extend([-1] * len(these))
-            tiles.extend(these)
+            per_image.append((image["sample_index"], these, q.tolist()))
+        if skipped:  # the sample leaves this pack: its tokens, labels and other images
+            keep = ~np.isin(sample_of, list(skipped))
+            ids, targets, weights, position_ids = (
+                ids[keep],
+                targets[keep],
+                weights[keep],
+                position_ids[keep],
+            )
+            seq_lens = np.delete(seq_lens, list(skipped))
+            per_image = [p for p in per_image if p[0] not in skipped]
+        tiles = [t for _, these, _ in per_image for t in these]
+        qualities = [q for _, _, qs in per_image for q in qs]
         n_context = int((ids == self.image_token_id).sum())
         if n_context != self.tokens_per_tile * len(tiles):
             raise ValueError(
@@ -299,6 +325,10 @@ class PackBatches:
             "seq_lens": seq_lens,
             "pixel_values": normalize(tiles, self.image_size),
             "jpeg_quality": np.asarray(qualities, dtype=np.int64),
+            "skipped": [
+                {"sample_id": sample_ids[k], "pack_id": pack_id, "detail": why}
+                for k, why in sorted(skipped.items())
+            ],
         }
 
 

@@ -60,6 +60,7 @@ class TrainResult:
     steps: int  # optimizer steps done in total (including those before a resume)
     losses: list[float] = field(default_factory=list)  # of the steps run in this call
     checkpoint: Path | None = None
+    skipped: list[dict] = field(default_factory=list)  # samples left out: unreadable image
 
 
 # --- small pieces ---------------------------------------------------------------------------
@@ -466,7 +467,10 @@ def train(
             for micro in range(cfg.accum):
                 batch = next(batches)
                 assert batch["step"] == step and batch["micro"] == micro
+                _record_skips(batch["skipped"], result, out, dist.rank)
                 sync = micro == cfg.accum - 1 or dist.world == 1 or cfg.distributed != "ddp"
+                if not batch["n_tokens"]:  # every sample of it was skipped (single process)
+                    continue
                 with wrapped.no_sync() if not sync else contextlib.nullcontext():
                     local[0] += micro_step(wrapped, batch, dist.device, dist.world, bf16)
                 local[1] += batch["n_tokens"]
@@ -521,6 +525,16 @@ def train(
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return result
+
+
+def _record_skips(skipped: list[dict], result: TrainResult, out: Path, rank: int) -> None:
+    """Name each sample left out of a batch (an image that cannot be read any more) on the
+    console and in ``skipped_samples.jsonl``; the train stage turns them into ledger rows."""
+    for s in skipped:
+        print(f"skipped sample {s['sample_id']} of pack {s['pack_id']}: {s['detail']}")
+        with (out / "skipped_samples.jsonl").open("a") as f:
+            f.write(json.dumps({**s, "rank": rank}) + "\n")
+        result.skipped.append(s)
 
 
 def _step(path: Path) -> int:

@@ -7,10 +7,15 @@ stamp continues from the newest checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from curate.core.io import read_json, write_json_atomic
+from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import GlobalInput, GlobalOutput, GlobalStage
 from curate.stages.train.config import TrainConfig
 
@@ -53,12 +58,13 @@ class TrainStage(GlobalStage):
         if self.stop_after is not None and result.steps < (cfg.steps or 0):
             raise InterruptedError(f"training stopped after {result.steps} steps (stop_after)")
         return GlobalOutput(
+            ledger=_skipped_ledger(inp, out / "skipped_samples.jsonl"),
             report={
                 "optimizer_steps": result.steps,
                 "checkpoint": str(result.checkpoint),
                 "out": str(out),
                 "resumed": resume,
-            }
+            },
         )
 
 
@@ -73,3 +79,32 @@ def _external_packs(packs: Path) -> dict:
     """Packs made elsewhere: their files' names, sizes and modification times."""
     files = sorted(Path(packs).glob("*.parquet"))
     return {f.name: f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files}
+
+
+def _skipped_ledger(inp: GlobalInput, log: Path) -> pa.Table:
+    """Ledger rows (rule ``image_unreadable``) of the samples training left out, once per
+    (sample, pack) however often a resumed run met them."""
+    if not log.exists():
+        return ledger_table([])
+    lines = (json.loads(x) for x in log.read_text().splitlines() if x.strip())
+    skipped = list({(s["sample_id"], s["pack_id"]): s for s in lines}.values())
+    ids = sorted({s["sample_id"] for s in skipped})
+    samples = inp.run.read("samples", columns=["sample_id", "dataset", "line"])
+    where = {
+        r["sample_id"]: r
+        for r in samples.filter(pc.is_in(samples["sample_id"], pa.array(ids))).to_pylist()
+    }
+    entries = []
+    for s in skipped:
+        r = where.get(s["sample_id"], {"dataset": "", "line": 0})
+        entries.append(
+            LedgerEntry(
+                s["sample_id"],
+                r["dataset"],
+                r["line"],
+                "train",
+                "image_unreadable",
+                detail=f"pack {s['pack_id']}: {s['detail']}",
+            )
+        )
+    return ledger_table(entries)

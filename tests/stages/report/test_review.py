@@ -122,7 +122,11 @@ def test_decisions_change_what_pack_keeps(planted_copy, tokenizer_dir):
     assert set(ids["many"][1:]) <= now and ids["many"][0] not in now
     assert plain not in now and ids["zero"][0] not in now  # still flagged, never kept
     assert not set(ids["low"][1:]) & now
-    assert report["samples_excluded"] == {"reject": 1 + 2 + 1, "flag": 1}
+    # + 1: the demo's truncated JPEG, rejected by tokenize (no filter stage decoded it)
+    assert report["samples_excluded"] == {
+        "reject": 1 + 2 + 1 + 1,
+        "flag": 1,
+    }
     # the pack ledger and outcome rows agree with what was packed
     outcomes = run.read("pack").to_pylist()
     assert {r["sample_id"] for r in outcomes if r["copies"]} == now

@@ -78,7 +78,7 @@ def test_rejected_samples_filters(planted_run):
 def test_status_counts_match_sample_status(planted_run):
     path, ids = planted_run
     s = status_counts(load_run_tables(path))
-    assert int(s["reject"].sum()) == 1 + 3  # char_run + three low scores
+    assert int(s["reject"].sum()) == 1 + 3 + 1  # char_run + three low scores + truncated JPEG
     assert int(s["flag"].sum()) == 1 + 1 + 8
     assert (s["samples"] == s["keep"] + s["reject"] + s["flag"]).all()
 

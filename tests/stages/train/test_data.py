@@ -167,3 +167,31 @@ def test_manifest_inconsistencies_are_errors(token_ids, tiny_images):
     )
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
         _dataset(bad_img, token_ids, augment=False)[0]
+
+
+def test_unreadable_image_skips_its_sample_and_names_it(token_ids, tiny_images, tmp_path):
+    """An image that broke after curation: its sample leaves the batch (tokens, labels, other
+    images), the others train as before, and the batch names what was skipped."""
+    import shutil
+
+    rng = np.random.default_rng(3)
+    broken = tmp_path / "broken.jpg"
+    shutil.copy(tiny_images[0], broken)
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated after the header
+
+    def sample(name, n, *paths):
+        images = [image_entry(p, 1, 1) for p in paths]
+        return make_sample(
+            rng, token_ids, prompt_tokens=n, answer_tokens=3, images=images, sample_id=name
+        )
+
+    first = sample("first", 4, tiny_images[1])
+    bad = sample("bad", 5, tiny_images[2], broken)
+    last = sample("last", 6, tiny_images[3])
+    whole = _dataset(pack_rows([[first, last]]), token_ids, augment=False)[0]
+    batch = _dataset(pack_rows([[first, bad, last]]), token_ids, augment=False)[0]
+    (skip,) = batch["skipped"]
+    assert skip["sample_id"] == "bad" and "broken.jpg" in skip["detail"]
+    for key in ("input_ids", "position_ids", "targets", "weights", "seq_lens", "pixel_values"):
+        assert torch.equal(batch[key], whole[key]), key
+    assert _dataset(pack_rows([[first, last]]), token_ids)[0]["skipped"] == []

@@ -364,3 +364,40 @@ def test_two_gloo_ranks_agree_with_one(distributed, small_packs, train_tokenizer
     b = load_model(tmp_path / "two" / "checkpoints" / "step-0000002").state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_image_broken_after_packing_is_skipped_with_a_ledger_row(
+    demo_packed_run, tokenizer_dir, run_copy, tmp_path
+):
+    """An image that breaks after curation does not stop training: its sample is left out of
+    its pack, named on the console, in ``skipped_samples.jsonl`` and in the train ledger."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.core.folder import RunFolder
+    from tests.conftest import run_stages
+
+    run = run_copy(demo_packed_run)
+    first = sorted((run / "packs").glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    images = table.column("images").to_pylist()
+    k = next(i for i, ims in enumerate(images) if ims)
+    original = images[k][0]["path"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(original).read_bytes()[:300])
+    images = [
+        [{**im, "path": str(broken) if im["path"] == original else im["path"]} for im in ims]
+        for ims in images
+    ]
+    column = table.schema.get_field_index("images")
+    table = table.set_column(
+        column, "images", pa.array(images, type=table.schema.field("images").type)
+    )
+    pq.write_table(table, first)
+    summary = run_stages(run, _stage(tokenizer_dir, steps=4))["train"]
+    assert summary.report["optimizer_steps"] == 4
+    ledger = RunFolder(run).ledger("train").to_pylist()
+    assert ledger and {e["rule"] for e in ledger} == {"image_unreadable"}
+    assert all("broken.jpg" in e["detail"] and e["dataset"] for e in ledger)
+    skipped = (run / "train" / "skipped_samples.jsonl").read_text().splitlines()
+    assert len(skipped) >= len(ledger)
