@@ -63,7 +63,9 @@ class EngineProgress:
         if event.kind == "start" and event.total:
             self.progress = Progress(*self.columns, console=console)
             self.progress.start()
-            self.task = self.progress.add_task(event.stage, total=event.total, rows=0)
+            self.task = self.progress.add_task(
+                event.stage, total=event.total + event.done, completed=event.done, rows=0
+            )
             self.rows = 0
         elif event.kind == "unit" and self.progress is not None:
             self.rows += event.rows

@@ -103,13 +103,15 @@ class StageSummary:
 
 @dataclass
 class Event:
-    """Progress: ``kind`` start (total units to do), unit (one finished), end.
+    """Progress: ``kind`` start (total units to do, done: units already done before this run,
+    which a bar counts as finished), unit (one finished), end.
 
     ``shards`` is False for a global stage (one unit: a bar says nothing)."""
 
     stage: str
     kind: str
     total: int = 0
+    done: int = 0
     unit: str = ""
     rows: int = 0
     shards: bool = True
@@ -228,7 +230,8 @@ class Engine:
         stage = self.stages[name]
         t0 = time.perf_counter()
         sharded = isinstance(stage, ShardStage)
-        self.on_event(Event(name, "start", total=len(plan.todo), shards=sharded))
+        done = len(plan.units) - len(plan.todo)
+        self.on_event(Event(name, "start", total=len(plan.todo), done=done, shards=sharded))
         for shard in plan.remove:
             self._remove(stage, shard)
         if isinstance(stage, ShardStage):
