@@ -65,14 +65,27 @@ def export_command(
     format: Annotated[
         str, typer.Option(help="internvl (meta JSON + JSONL) | hf (save_to_disk)")
     ] = "internvl",
-    embed_images: Annotated[bool, typer.Option(help="hf: embed image bytes, not paths")] = False,
+    embed_images: Annotated[
+        bool,
+        typer.Option(
+            help="hf: embed image bytes, not paths (an EXIF-rotated image is stored unturned, "
+            "as InternVL reads it)"
+        ),
+    ] = False,
     flagged: Annotated[
         str, typer.Option(help="exclude | include unreviewed flagged samples")
     ] = "exclude",
 ) -> None:
-    """Export the kept samples for training elsewhere (InternVL's scripts or HF datasets).
+    """Export the kept samples for training elsewhere (InternVL's scripts or HF datasets), with
+    the final status (every stage's ledger and the review decisions) and the repeat stage's
+    copies.
 
-    Status is the final one: every stage's ledger and the review decisions."""
+    internvl: samples with 0 copies are left out; the others are grouped by
+    their copies k: the smallest k of a dataset keeps its name, every other k
+    becomes the entry NAME@xK; repeat_time is k, an int. InternVL, or
+    `curate ingest` without target_tokens, trains on the run's samples and copies.
+
+    hf: one row per kept sample with its copies (0: not drawn) and domain."""
     from curate.cli.console import console, fail, user_errors
     from curate.core.folder import RunFolder
     from curate.stages.pack.export import export_hf, export_internvl

@@ -306,8 +306,8 @@ def test_export_writes_the_kept_samples(built, tmp_path):
     meta = orjson.loads((out / "meta.json").read_bytes())
     assert set(meta) == set(RunFolder(run).datasets())
     lines = sum(meta[d]["length"] for d in meta)
-    status = RunFolder(run).stats("report")["report"]
-    assert lines == status["keep"] > 0  # what the report counts as keep
+    packed = RunFolder(run).stats("pack")["report"]
+    assert lines == packed["samples_packed"] > 0  # kept and drawn: what pack packed
     assert files_of(run) == before  # export reads the run, never writes it
     bad = runner.invoke(app, ["export", "--run", str(run), "--out", str(out), "--format", "x"])
     assert_user_error(bad, "unknown format 'x'")
