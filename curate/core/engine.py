@@ -370,7 +370,7 @@ KEY_COLUMNS = ["sample_id", "dataset", "line"]
 
 
 def _keys(table: pa.Table, by_line: bool) -> list:
-    if by_line:  # ingest: identical lines share a sample id; each line is one input row
+    if by_line:  # ingest counts input lines: one row per (dataset, line), whatever its id
         return list(zip(table["dataset"].to_pylist(), table["line"].to_pylist(), strict=True))
     return table["sample_id"].to_pylist()
 

@@ -49,13 +49,16 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
-def sample_id(dataset: str, line: bytes) -> str:
-    """Stable id of one annotation line: xxh3-64 of the dataset name and the line's bytes.
+def sample_id(dataset: str, line: bytes, copy: int = 0) -> str:
+    """Stable id of one annotation line: xxh3-64 of the dataset name and the line's bytes
+    (less surrounding whitespace), seeded with ``copy``.
 
     The same line of the same dataset gets the same id in every run, so stages join on it and
-    a rerun recognises finished work; two identical lines share an id (a duplicate).
+    a rerun recognises finished work. Identical lines still get ids of their own: the first
+    copy ``copy=0`` (the id such a line always had), the k-th further copy in file order
+    ``copy=k``; so a decision on a duplicate never reaches the line it repeats.
     """
-    h = xxhash.xxh3_64(dataset.encode("utf-8"))
+    h = xxhash.xxh3_64(dataset.encode("utf-8"), seed=copy)
     h.update(b"\x00")
     h.update(line.strip())
     return h.hexdigest()

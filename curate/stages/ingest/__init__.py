@@ -1,1 +1,2 @@
-"""Ingest: InternVL meta JSON + JSONL (or Parquet) annotations into normalised sample rows."""
+"""Ingest: InternVL meta JSON + JSONL (or .json array, or Parquet) annotations into normalised
+sample rows."""

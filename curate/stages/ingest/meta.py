@@ -32,7 +32,7 @@ class MetaEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     root: str  # image folder
-    annotation: str  # .jsonl or .parquet file
+    annotation: str  # .jsonl, .json (an array of samples, or JSONL) or .parquet file
     data_augment: bool = False
     max_dynamic_patch: int | None = Field(None, ge=1)  # None: the pipeline's budget setting
     min_dynamic_patch: int | None = Field(None, ge=1)  # None: the pipeline's budget setting
@@ -55,7 +55,7 @@ KNOWN_KEYS = tuple(MetaEntry.model_fields)
 class DatasetSpec:
     name: str
     root: str  # absolute folder that every image path must stay inside
-    annotation: str  # absolute path of the .jsonl or .parquet file
+    annotation: str  # absolute path of the .jsonl, .json or .parquet file
     data_augment: bool = False
     max_dynamic_patch: int | None = None  # None: the pipeline's stages.budget value
     min_dynamic_patch: int | None = None  # None: the pipeline's stages.budget value

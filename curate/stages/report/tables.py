@@ -207,8 +207,8 @@ def _stage_rank() -> pl.Expr:
 def counts_by_stage_rule_dataset(tables_or_ledger: RunTables | pl.DataFrame) -> pl.DataFrame:
     """Samples per (stage, rule, severity, dataset) in the ledger, in pipeline order.
 
-    ``samples`` counts distinct sample ids (a rule fails at most once per sample, but a
-    duplicated line can repeat an id), ``rows`` the ledger rows.
+    ``samples`` counts distinct sample ids (a sample may have several ledger rows of one rule,
+    e.g. one per pack it was left out of in training), ``rows`` the ledger rows.
     """
     ledger = (
         tables_or_ledger.ledger if isinstance(tables_or_ledger, RunTables) else tables_or_ledger

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from curate.core.folder import RunFolder
+from curate.core.records import sample_id
 from curate.demo.images import write_png_bomb
 from curate.stages.ingest.config import IngestConfig
 from curate.stages.ingest.meta import MetaError, load_meta
@@ -135,14 +136,26 @@ def test_duplicates_across_shards_keep_first(tmp_path):
     run, summary = _run(tmp_path, [a, b, a, b, a], shard_lines=2)
     assert summary.shards == 3 and summary.rows_kept == 2 and summary.rows_rejected == 3
     ledger = run.ledger().to_pylist()
-    assert {(e["line"], e["detail"]) for e in ledger} == {
-        (3, "same content as line 1"),
-        (4, "same content as line 2"),
-        (5, "same content as line 1"),
-    }
     samples = run.read("samples").to_pylist()
     assert [s["line"] for s in samples] == [1, 2]
-    assert ledger[0]["sample_id"] == samples[0]["sample_id"]  # same content, same id
+    id1, id2 = samples[0]["sample_id"], samples[1]["sample_id"]
+    assert (id1, id2) == (sample_id("ds", a), sample_id("ds", b))  # first copies: ids as ever
+    assert {(e["line"], e["detail"]) for e in ledger} == {
+        (3, f"same content as line 1 (sample {id1})"),
+        (4, f"same content as line 2 (sample {id2})"),
+        (5, f"same content as line 1 (sample {id1})"),
+    }
+    # Every line has an id of its own: a decision on a duplicate cannot reach its first copy.
+    by_line = {e["line"]: e["sample_id"] for e in ledger}
+    assert by_line == {3: sample_id("ds", a, 1), 4: sample_id("ds", b, 1), 5: sample_id("ds", a, 2)}
+    assert len({id1, id2, *by_line.values()}) == 5
+
+
+def test_repeated_blank_lines_get_ids_of_their_own(tmp_path):
+    run, _ = _run(tmp_path, [b"", _line(image="ok.png"), b"  ", b""])
+    ledger = run.ledger().to_pylist()
+    assert [e["rule"] for e in ledger] == ["blank_line"] * 3
+    assert len({e["sample_id"] for e in ledger}) == 3
 
 
 def test_rows_normalised(tmp_path):
