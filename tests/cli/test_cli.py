@@ -56,6 +56,15 @@ def invoke(*args: str | Path):
     return result, " ".join(result.output.split())
 
 
+def assert_one_error_line(output: str, *fragments: str) -> None:
+    """No traceback and exactly one ``error:`` line, holding every fragment (progress lines or
+    a library's log lines may come before it)."""
+    assert "Traceback" not in output, output
+    (line,) = [x for x in output.splitlines() if x.startswith("error:")]
+    for fragment in fragments:
+        assert fragment in line, (fragment, output)
+
+
 def assert_ok(result) -> None:
     assert result.exit_code == 0, result.output
     assert "error:" not in result.output
@@ -485,6 +494,52 @@ def test_score_command(copy_of, demo_models):
     result, text = invoke("score", "--run", copy_of)
     assert_ok(result)
     assert "score up to date (10 shards)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("max_model_len=100000", "is greater than the derived max_model_len"),
+        ("kv_cache_memory_bytes=1000000000000", "less than requested memory for kv"),
+        ("engine_kwargs.no_such_argument=1", "unexpected keyword argument 'no_such_argument'"),
+    ],
+)
+def test_score_settings_vllm_refuses_are_one_line(copy_of, demo_models, setting, says):
+    """What vLLM refuses at start (a length above the judge's, a KV cache that does not fit,
+    an argument it does not know) is one line naming the judge, not a traceback."""
+    import subprocess
+    import sys
+
+    judge = demo_models["judge"]
+    args = ["score", "--run", copy_of, "--judge", judge, *JUDGE_SETS, "--set", setting]
+    # A process of its own, as a user runs it: vLLM's log handlers outlive a CliRunner call.
+    done = subprocess.run(
+        [sys.executable, "-m", "curate.cli.main", *map(str, args)], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert_one_error_line(done.stdout + done.stderr, f"the judge {judge} cannot start", says)
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("model=/no/such/model", "train.model: no such directory /no/such/model"),
+        ("tokenizer=/no/such/tok", "train.tokenizer: no such directory /no/such/tok"),
+    ],
+)
+def test_train_model_that_is_not_there_is_one_line(copy_of, setting, says):
+    result, _ = invoke("train", "--run", copy_of, "--set", "steps=1", "--set", setting)
+    assert result.exit_code == 2
+    assert_one_error_line(result.output, says)
+
+
+def test_train_model_folder_without_a_model_is_one_line(copy_of, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result, _ = invoke("train", "--run", copy_of, "--set", "steps=1", "--set", f"model={empty}")
+    assert result.exit_code == 2
+    assert_one_error_line(result.output, "cannot load the model or tokenizer to train")
 
 
 @pytest.mark.slow

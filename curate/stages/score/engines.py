@@ -195,7 +195,26 @@ def _make_llm(cfg: ScoreConfig, model: Path):
     if cfg.vlm:
         kwargs["limit_mm_per_prompt"] = {"image": 64}
     kwargs.update(cfg.engine_kwargs)
-    return LLM(**kwargs)
+    try:
+        return LLM(**kwargs)
+    except (ValueError, RuntimeError, TypeError, OSError, MemoryError) as e:
+        # A bad value (max_model_len above the model's), a KV cache that does not fit, an
+        # engine_kwargs key vLLM does not know: the user fixes a setting, not the code.
+        raise EngineError(f"the judge {model} cannot start in vLLM: {engine_problem(e)}") from e
+
+
+def engine_problem(e: BaseException, max_chars: int = 600) -> str:
+    """The sentence that says what is wrong, from vLLM's (often pydantic) error."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            text = "; ".join(str(x.get("msg", x)) for x in errors())
+        except Exception:  # noqa: BLE001 - not pydantic's errors() after all
+            text = str(e)
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 class OpenAIEngine:

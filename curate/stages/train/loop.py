@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from curate.core.errors import CurateError
 from curate.stages.train.config import TrainConfig
 
 
@@ -182,8 +183,31 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+class TrainSetupError(CurateError):
+    """The model or tokenizer to train cannot be found or loaded as configured."""
+
+
 def make_model(cfg: TrainConfig, resume_from: Path | None):
     """(model, tokenizer) from a checkpoint, a local InternVL dir, vision + LLM, or a flavor."""
+    for what in ("model", "tokenizer", "vision", "llm"):
+        path = getattr(cfg, what)
+        if path is not None and _looks_local(str(path)) and not Path(path).exists():
+            raise TrainSetupError(f"train.{what}: no such directory {path}")
+    try:
+        return _make_model(cfg, resume_from)
+    except CurateError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: no config.json, no weights, no tokenizer
+        message = " ".join(str(e).split())[:600]
+        raise TrainSetupError(f"cannot load the model or tokenizer to train: {message}") from e
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a Hub id like ``OpenGVLab/InternVL2_5-1B`` (read from the local HF cache)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1
+
+
+def _make_model(cfg: TrainConfig, resume_from: Path | None):
     from curate.stages.train import model as m
 
     if resume_from is not None:
@@ -194,11 +218,11 @@ def make_model(cfg: TrainConfig, resume_from: Path | None):
         return m.load_model(cfg.model, tok), tok
     if cfg.vision is not None or cfg.llm is not None:
         if cfg.vision is None or cfg.llm is None:
-            raise ValueError("--vision and --llm go together")
+            raise TrainSetupError("--vision and --llm go together")
         tok = load_tokenizer(cfg.tokenizer or cfg.llm)
         return m.assemble_model(cfg.vision, cfg.llm, tok, seed=cfg.seed), tok
     if cfg.tokenizer is None:
-        raise ValueError(f"the {cfg.flavor} flavor needs a tokenizer (--tokenizer)")
+        raise TrainSetupError(f"the {cfg.flavor} flavor needs a tokenizer (--tokenizer)")
     tok = load_tokenizer(cfg.tokenizer)
     return m.build_model(cfg.flavor, tok, seed=cfg.seed), tok
 
