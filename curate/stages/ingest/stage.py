@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +37,8 @@ from curate.stages.ingest.jsonarray import (
 from curate.stages.ingest.meta import DatasetSpec, MetaError, load_meta
 from curate.stages.ingest.normalize import Problem, parse_line
 
+RAW_EXCERPT_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 STAGE = "ingest"
 
 
@@ -332,7 +334,13 @@ def process_shard(task: ShardTask, options: IngestConfig) -> ShardOutput:
                 )
                 continue
             problems = parsed.problems
-        entries += [_problem_entry(task, line, p) for p in problems]
+        line_entries = [_problem_entry(task, line, p) for p in problems]
+        if line.data and line.data.strip() and problems[0].rule != "duplicate_sample":
+            # The line never becomes a sample: its first ledger row shows what it held.
+            first = line_entries[0]
+            raw = f"{first.detail} | raw: {excerpt(line.data)}"
+            line_entries[0] = replace(first, detail=raw)
+        entries += line_entries
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     return ShardOutput(table, ledger_table(entries), rows_in=rows_in)
 
@@ -386,6 +394,14 @@ def _problem_entry(task: ShardTask, line: _Line, p: Problem) -> LedgerEntry:
         _float(p.threshold),
         where + p.detail,
     )
+
+
+def excerpt(data: bytes, max_chars: int = RAW_EXCERPT_CHARS) -> str:
+    """The start of a raw line as readable text: invalid UTF-8 and control characters as
+    ``\\xNN`` escapes (a NUL byte must not reach an HTML report), cut at ``max_chars``."""
+    text = data[: 4 * max_chars + 4].decode("utf-8", "backslashreplace")
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= max_chars else text[:max_chars] + "…"
 
 
 def _float(x: float | None) -> float | None:

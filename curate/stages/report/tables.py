@@ -266,8 +266,9 @@ def rejected_samples(
     Filters: ``rule`` (the sample failed that rule), ``dataset``, ``score_below`` (quality
     score below it; unscored samples drop out), ``stage``, ``severity`` (of the matched rows),
     ``status`` (after review: keep | reject | flag). Columns: sample_id, dataset, line,
-    status (null for samples ingest never accepted), worst (reject | flag), rules, failures
-    (list of ledger rows), score, expected, ingested, and the sample columns.
+    status (reject for lines ingest rejected: they never became samples), worst (reject |
+    flag), rules, failures (list of ledger rows), score, expected, ingested, and the sample
+    columns.
     """
     tables = run if isinstance(run, RunTables) else load_run_tables(run)
     ledger = tables.ledger
@@ -299,6 +300,11 @@ def rejected_samples(
         tables.status.select("sample_id", "status"), on="sample_id", how="left"
     )
     out = out.with_columns(ingested=pl.col("kind").is_not_null())
+    # A line ingest rejected never became a sample: it has no status of its own, and it is
+    # as rejected as a sample can be.
+    out = out.with_columns(
+        status=pl.when(pl.col("ingested")).then(pl.col("status")).otherwise(pl.lit("reject"))
+    )
     scores = _quality_scores(tables)
     if scores is not None:
         out = out.join(scores, on="sample_id", how="left")

@@ -440,3 +440,17 @@ def test_video_folder_in_a_symlink_loop_is_named(tmp_path):
     run, _ = _run(tmp_path, [orjson.dumps(video)])
     (entry,) = run.ledger("ingest").to_pylist()
     assert entry["rule"] == "symlink_loop" and "v1 -> v2 -> v1" in entry["detail"]
+
+
+def test_a_rejected_line_shows_its_raw_start_escaped_and_cut(tmp_path):
+    """A line that never becomes a sample: its first ledger row carries the start of the raw
+    line (control bytes and invalid UTF-8 escaped, cut), so the report can show what it held."""
+    broken = b'{"id": 7, "conversations": [\x00 "caf\xc3\xa9 \xff' + b"x" * 500
+    run, _ = _run(tmp_path, [_line(image="ok.png"), broken, b"   "])
+    rows = {e["line"]: e for e in run.ledger("ingest").to_pylist()}
+    detail = rows[2]["detail"]
+    assert rows[2]["rule"] in ("invalid_utf8", "malformed_json")
+    raw = detail.split(" | raw: ", 1)[1]
+    assert raw.startswith('{"id": 7, "conversations": [\\x00 "café \\xff')
+    assert raw.endswith("…") and len(raw) == 201 and "\x00" not in detail
+    assert " | raw: " not in rows[3]["detail"]  # a blank line has nothing to show

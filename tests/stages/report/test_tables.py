@@ -72,7 +72,9 @@ def test_rejected_samples_filters(planted_run):
     flags = rejected_samples(t, status="flag")
     assert set(flags["sample_id"]) == set(ids["flagged"] + ids["zero"] + ids["many"])
     ingest_only = every.filter(~pl.col("ingested"))
-    assert len(ingest_only) >= 5 and ingest_only["status"].null_count() == len(ingest_only)
+    assert len(ingest_only) >= 5 and set(ingest_only["status"]) == {"reject"}
+    rejects = rejected_samples(t, status="reject")  # the notebook's STATUS = "reject"
+    assert set(ingest_only["sample_id"]) <= set(rejects["sample_id"])
 
 
 def test_status_counts_match_sample_status(planted_run):
