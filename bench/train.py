@@ -10,12 +10,19 @@ thumbnail, multi-image, video frames), those over the caps are dropped, and
 ``curate.stages.pack.binpack.pack_lengths`` packs them into PACK_SCHEMA manifests. The timed packs
 go through the trainer's own path (``PackBatches`` → ``PackedCausalLM`` with the trainer's
 attention: flash-attn varlen on GPU, per-sample SDPA on CPU; also the block-mask SDPA variant with
-``--mask-variant``). The padded side takes exactly the samples of those packs, in their original
-(shuffled) order, in batches of B = mean samples per pack, each padded to its longest sample with
-a 2-D padding mask: the usual non-packed SFT batch. Both sides run forward, backward and an AdamW
-step on the same model, same weights, same loss weights, and count only real tokens. Timed in wall
-seconds and in CPU seconds of this process (the dev machine is shared, so wall time swings with
-its load); the ratio is packed / padded tokens per second."""
+``--mask-variant``). Two padded baselines, B = mean samples per pack, each batch padded to its
+longest sample with a 2-D padding mask (the usual non-packed SFT batch):
+
+- ``padded``: exactly the samples of the timed packs, in their original (shuffled) order;
+- ``padded, length-grouped``: the same samples in HF Trainer's ``group_by_length`` order, from
+  its own ``get_length_grouped_indices`` with one mega-batch holding them all (sorted by
+  length, then cut into batches: the tightest grouping it reaches; on a whole dataset it sorts
+  mega-batches of 50·B random samples).
+
+All sides run forward, backward and an AdamW step on the same model, same weights, same loss
+weights, and count only real tokens. Timed in wall seconds and in CPU seconds of this process
+(the dev machine is shared, so wall time swings with its load); the ratios are packed / padded
+tokens per second."""
 
 from __future__ import annotations
 
@@ -57,14 +64,13 @@ def build_samples(args, tokenizer, workdir: Path):
     return samples, packs, int(keep.sum()), len(keep)
 
 
-def padded_batches(samples, batch_size: int, image_batches: list[torch.Tensor], pad_id: int):
-    """Padded (input_ids, attention_mask, targets, weights, pixel_values) per batch."""
+def padded_batches(groups: list[list], image_batches: list[torch.Tensor], pad_id: int):
+    """Padded (input_ids, attention_mask, targets, weights, pixel_values) per batch of samples."""
     from curate.core.chat import IGNORE_INDEX
     from curate.stages.train.data import loss_weight
 
     out = []
-    for b, start in enumerate(range(0, len(samples), batch_size)):
-        group = samples[start : start + batch_size]
+    for b, group in enumerate(groups):
         width = max(len(s.input_ids) for s in group)
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -89,6 +95,21 @@ def padded_batches(samples, batch_size: int, image_batches: list[torch.Tensor], 
             }
         )
     return out
+
+
+def length_grouped(samples, batch_size: int, seed: int) -> list[list[int]]:
+    """Batches (indices into ``samples``) in HF Trainer's ``group_by_length`` order, with one
+    mega-batch holding every sample: all sorted by length, the tightest grouping it reaches."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = [len(s.input_ids) for s in samples]
+    order = get_length_grouped_indices(
+        lengths,
+        batch_size,
+        mega_batch_mult=-(-len(samples) // batch_size),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def padded_loss(model, batch, device):
@@ -235,7 +256,14 @@ def main() -> None:
         torch.cat([tiles_by_sample[i] for i in order[s : s + batch_size]])
         for s in range(0, len(order), batch_size)
     ]
-    padded = padded_batches(chosen, batch_size, image_batches, tokenizer.pad_token_id)
+    groups = [chosen[s : s + batch_size] for s in range(0, len(chosen), batch_size)]
+    padded = padded_batches(groups, image_batches, tokenizer.pad_token_id)
+    grouped_ids = length_grouped(chosen, batch_size, args.seed)
+    grouped = padded_batches(
+        [[chosen[i] for i in g] for g in grouped_ids],
+        [torch.cat([tiles_by_sample[order[i]] for i in g]) for g in grouped_ids],
+        tokenizer.pad_token_id,
+    )
 
     rows = []
     impl, (wall, cpu) = packed_run(args.attention)
@@ -254,19 +282,19 @@ def main() -> None:
             total = padded_loss(model, batch, device)
         return total / max(1e-9, float(batch["weights"].sum()))
 
-    wall, cpu = timed(padded_one, padded, optimizer, device, args.warmup, args.repeat)
-    slots = sum(b["input_ids"].numel() for b in padded)
-    rows.append(
-        (
-            f"padded (B={batch_size}, {model.config._attn_implementation})",
-            len(padded),
-            real,
-            slots,
-            tiles,
-            wall,
-            cpu,
+    for name, batches in (("padded", padded), ("padded, length-grouped", grouped)):
+        wall, cpu = timed(padded_one, batches, optimizer, device, args.warmup, args.repeat)
+        rows.append(
+            (
+                f"{name} (B={batch_size}, {model.config._attn_implementation})",
+                len(batches),
+                sum(b["real_tokens"] for b in batches),
+                sum(b["input_ids"].numel() for b in batches),
+                sum(b["tiles"] for b in batches),
+                wall,
+                cpu,
+            )
         )
-    )
 
     print(
         f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else ''}"
@@ -284,12 +312,13 @@ def main() -> None:
             f"{name:44s} {n:7d} {tok:8,d} {slot:8,d} {til:5d} {w:7.2f} {c:7.2f} "
             f"{tok / w:10,.0f} {tok / c:10,.0f}"
         )
-    pw, pc = rows[0][5], rows[0][6]
-    dw, dc = rows[-1][5], rows[-1][6]
-    print(
-        f"padding: {1 - real / rows[-1][3]:.1%} of padded slots; packed/padded tokens/s: "
-        f"{dw / pw:.2f}x (wall), {dc / pc:.2f}x (CPU time)"
-    )
+    packed_tok, pw, pc = rows[0][2], rows[0][5], rows[0][6]
+    for name, _, tok, slot, _, w, c in rows[-2:]:
+        print(
+            f"{name}: padding {1 - tok / slot:.1%} of slots; packed/padded tokens/s: "
+            f"{(packed_tok / pw) / (tok / w):.2f}x (wall), "
+            f"{(packed_tok / pc) / (tok / c):.2f}x (CPU time)"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 
