@@ -21,6 +21,14 @@ class ScoreConfig(BaseModel):
     engine: Literal["vllm", "openai"] = Field(
         "vllm", description="vllm: offline engine in this process; openai: a running server"
     )
+    readout: Literal["probe", "constrained"] = Field(
+        "probe",
+        description="engine: vllm. probe: one request per sample, the first step's label "
+        "logprobs and the decode forced through the ambiguous first token ('1' of '1'/'10', "
+        "by logit_bias) for the second step's: all 11 probabilities, no follow-up request. "
+        "constrained: decode under a choice constraint 0..10, plus a follow-up request "
+        "where the greedy path did not give P(10 | '1'). Both give the same probabilities",
+    )
     server_url: str = Field(
         "http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (engine: openai)"
     )

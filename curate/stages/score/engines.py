@@ -25,6 +25,10 @@ from curate.stages.score.labels import LabelSet, RawOutput
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
 
 
+# Added to the ambiguous first token's logit in a probe: far above any logit gap.
+PROBE_BIAS = 100.0
+
+
 class EngineError(CurateError):
     """The engine cannot run at all (server unreachable, model missing)."""
 
@@ -82,13 +86,28 @@ class VllmEngine:
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         self.llm = _make_llm(cfg, model)
         self._params: dict[int | None, object] = {}
+        # One request per sample gives all label probabilities (see ScoreConfig.readout).
+        self.probing = cfg.readout == "probe" and labels.probe_token is not None
 
     def _sampling(self, next_after: int | None):
         if next_after not in self._params:
             from vllm import SamplingParams
             from vllm.sampling_params import StructuredOutputsParams
 
-            if next_after is None:
+            if next_after is None and self.probing:
+                # Raw logprobs are taken before logit_bias applies (vLLM's sampler), so step 1
+                # gives the model's own first-token distribution while the bias makes the
+                # decode go through the ambiguous token, and step 2 gives P(. | that token).
+                ids = self.labels.logprob_token_ids
+                self._params[None] = SamplingParams(
+                    max_tokens=2,
+                    temperature=0.0,
+                    logprobs=len(ids),
+                    logprob_token_ids=ids,
+                    logit_bias={self.labels.probe_token: PROBE_BIAS},
+                    detokenize=False,  # the output is no label: only its logprobs are read
+                )
+            elif next_after is None:
                 ids = self.labels.logprob_token_ids
                 self._params[None] = SamplingParams(
                     max_tokens=self.labels.max_tokens,
@@ -130,7 +149,7 @@ class VllmEngine:
             use_tqdm=False,
         )
         results = []
-        for out in outputs:
+        for req, out in zip(requests, outputs, strict=True):
             comp = out.outputs[0]
             steps = [
                 {tid: lp.logprob for tid, lp in step.items()} for step in (comp.logprobs or [])
@@ -141,6 +160,7 @@ class VllmEngine:
                 steps=steps,
                 prompt_tokens=len(out.prompt_token_ids or []),
                 cached_tokens=out.num_cached_tokens,
+                probe=self.probing and req.next_after is None,
             )
             if comp.finish_reason not in ("stop", "length"):
                 raw.error = f"engine finished with {comp.finish_reason!r}"

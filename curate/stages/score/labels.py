@@ -50,6 +50,7 @@ class RawOutput:
     prompt_tokens: int = 0
     cached_tokens: int | None = None
     error: str | None = None
+    probe: bool = False  # decoded through the ambiguous first token by force, not a choice
 
 
 @dataclass
@@ -108,6 +109,12 @@ class LabelSet:
             raise LabelSetError(f"labels {missing} cannot be spelled with this tokenizer")
 
     @property
+    def probe_token(self) -> int | None:
+        """The first token a probe decodes through (the one ambiguous first token, "1" when
+        "10" is two tokens); None when there is none, or several (then the choice readout)."""
+        return next(iter(self.next)) if len(self.next) == 1 else None
+
+    @property
     def max_tokens(self) -> int:
         """Decode steps a label can take: one per character at most."""
         return max(len(lab) for lab in self.labels)
@@ -127,7 +134,7 @@ class LabelSet:
 
     def pending(self, raw: RawOutput) -> list[int]:
         """Ambiguous first tokens whose continuation this output does not give."""
-        if raw.error is not None or raw.text not in self.labels:
+        if raw.error is not None or raw.probe or raw.text not in self.labels:
             return []
         firsts = self.first_probs(raw)
         if firsts is None:
@@ -142,14 +149,32 @@ class LabelSet:
         the next-step logprobs of the prompt extended by it."""
         if raw.error is not None:
             return Reading(None, None, None, raw.error)
+        if raw.probe:
+            return self._read_probe(raw)
         if raw.text not in self.labels:
             return Reading(None, None, None, f"output {raw.text!r} is not a score label 0..10")
         score = int(raw.text)
         firsts = self.first_probs(raw)
         if firsts is None:  # the server returned no logprobs: the choice alone
             return Reading(score, None, None)
-        probs = dict.fromkeys(self.labels, 0.0)
         on_path = raw.token_ids[0] if raw.token_ids and len(raw.steps) > 1 else None
+        return self._distribution(raw, firsts, on_path, follow_ups)
+
+    def _read_probe(self, raw: RawOutput) -> Reading:
+        """A probe's reading: no label was chosen; both steps' logprobs give them all."""
+        firsts = self.first_probs(raw)
+        if firsts is None or len(raw.steps) < 2 or raw.token_ids[:1] != [self.probe_token]:
+            return Reading(None, None, None, "the probe returned no label logprobs")
+        return self._distribution(raw, firsts, self.probe_token, None)
+
+    def _distribution(
+        self,
+        raw: RawOutput,
+        firsts: dict[int, float],
+        on_path: int | None,
+        follow_ups: dict[int, dict[int, float]] | None,
+    ) -> Reading:
+        probs = dict.fromkeys(self.labels, 0.0)
         for tid, p in firsts.items():
             if tid not in self.next:
                 probs[self.first[tid]] += p

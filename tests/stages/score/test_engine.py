@@ -148,6 +148,28 @@ def test_label_probabilities_equal_a_transformers_forward_pass(small_run, scorer
         assert ref[got.score] >= max(ref) - 5e-4
 
 
+def test_probe_and_constrained_readouts_give_the_same_probabilities(small_run, scorer):
+    """The default probe (one request per sample) and the constrained choice with follow-ups
+    read the same 11 probabilities; the probe sends exactly one request per sample."""
+    samples = RunFolder(small_run).read("samples").to_pylist()[:6]
+    jobs = scorer.jobs(samples, lambda s: False)
+    engine = scorer._engine()
+    assert engine.probing
+    before = Delta(scorer.stats)
+    probed = scorer.score(jobs)
+    assert before.requests == len(jobs)
+    engine.probing, engine._params = False, {}
+    try:
+        constrained = scorer.score(jobs)
+    finally:
+        engine.probing, engine._params = True, {}
+    assert before.requests > 2 * len(jobs)  # the choice's outputs needed follow-ups
+    for job in jobs:
+        a, b = probed[job.key].reading, constrained[job.key].reading
+        assert a.probs == pytest.approx(b.probs, abs=2e-4)
+        assert a.expected == pytest.approx(b.expected, abs=2e-3)
+
+
 def test_thresholds_reach_the_ledger(scored, scorer, tmp_path):
     run = _copy(scored[0].path, tmp_path)
     cfg = score_config(

@@ -76,6 +76,26 @@ def test_follow_up_resolves_the_ambiguous_token_off_the_path(split_digits):
     assert fallback.probs[10] == 0 and sum(fallback.probs) == pytest.approx(1.0)
 
 
+def test_a_probe_reads_every_label_from_one_output(split_digits):
+    """A probe decodes through "1" by force (the output is not a label): its first step gives
+    every first token's probability, its second P(10 | "1") and P(1 | "1"); no follow-up."""
+    ls = LabelSet(split_digits)
+    d = {k: split_digits.convert_tokens_to_ids(str(k)) for k in range(10)}
+    assert ls.probe_token == d[1]
+    firsts = {d[k]: 0.02 for k in range(10)} | {d[7]: 0.5, d[1]: 0.32, 999: 0.4}
+    raw = RawOutput("11", [d[1], d[1]], [_lp(firsts), _lp({d[0]: 0.3, ls.eos: 0.6})], probe=True)
+    assert ls.pending(raw) == []
+    total = sum(v for k, v in firsts.items() if k != 999)
+    r = ls.read(raw)
+    assert r.score == 7 and r.reason is None
+    assert r.probs[7] == pytest.approx(0.5 / total)
+    assert r.probs[10] == pytest.approx(0.32 / total * 0.3 / 0.9)
+    assert r.probs[1] == pytest.approx(0.32 / total * 0.6 / 0.9)
+    assert sum(r.probs) == pytest.approx(1.0)
+    broken = RawOutput("7", [d[7]], [_lp(firsts)], probe=True)  # not through "1": no reading
+    assert ls.read(broken).score is None and "probe" in ls.read(broken).reason
+
+
 def test_whole_ten_tokenizer_sums_both_spellings_of_ten(whole_ten):
     ls = LabelSet(whole_ten)
     ten, one, zero = (whole_ten.convert_tokens_to_ids(s) for s in ("10", "1", "0"))
