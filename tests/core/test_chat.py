@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from curate.core.chat import IGNORE_INDEX, expand_video, segments, tokenize
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from curate.core.chat import (
+    IGNORE_INDEX,
+    BatchTokenizer,
+    ChatSample,
+    expand_video,
+    segments,
+    tokenize,
+)
 from curate.stages.budget.stage import load_tokenizer
 
 TURNS = [
@@ -59,3 +70,113 @@ def test_video_expansion_as_internvl():
     assert expand_video("<video>\nWhat happens?", 3) == (
         "Frame-1: <image>\nFrame-2: <image>\nFrame-3: <image>\nWhat happens?"
     )
+
+
+# -- BatchTokenizer: the same ids and labels as tokenize, for any conversation ---------------
+
+
+# Text that tries the split: added tokens typed in the text, whitespace on both sides of them,
+# placeholders, newlines, non-ASCII.
+_ATOMS = st.sampled_from(
+    [
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "a",
+        "word",
+        " x",
+        "12",
+        "日本",
+        "ü",
+        "<image>",
+        "<video>",
+        "<img>",
+        "</img>",
+        "<|im_end|>",
+        "<|im_start|>",
+        "<IMG_CONTEXT>",
+        "<image",
+        "\r\n",
+    ]
+)
+_TEXT = st.lists(_ATOMS, max_size=12).map("".join)
+
+
+@st.composite
+def chat_samples(draw):
+    n_turns = draw(st.integers(1, 4))
+    turns = []
+    if draw(st.booleans()):
+        turns.append({"role": "system", "text": draw(_TEXT)})
+    for _ in range(n_turns):
+        turns.append({"role": "human", "text": draw(_TEXT)})
+        turns.append({"role": "gpt", "text": draw(_TEXT)})
+    video = draw(st.integers(0, 3)) if any("<video>" in t["text"] for t in turns) else 0
+    text = "".join(t["text"] for t in turns if t["role"] == "human")
+    placeholders = (
+        text.count("<image>") + (video - 1) * text.count("<video>")
+        if video
+        else text.count("<image>")
+    )
+    n_images = draw(st.integers(0, max(0, placeholders)))
+    if video:
+        n_images = placeholders  # every frame placeholder is an image
+    counts = draw(st.lists(st.integers(0, 600), min_size=n_images, max_size=n_images))
+    system = draw(st.sampled_from([None, "You are a helpful assistant.", " sys\n<img> "]))
+    return ChatSample(turns, counts, system_prompt=system, n_video_frames=video)
+
+
+@pytest.fixture(scope="module")
+def batch_tokenizer(tokenizer_dir):
+    return BatchTokenizer(load_tokenizer(tokenizer_dir))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(chat_samples(), min_size=1, max_size=6))
+def test_batch_tokenizer_equals_tokenize(batch_tokenizer, samples):
+    assert batch_tokenizer.exact
+    valid = []
+    for s in samples:
+        try:
+            s.segments()
+        except ValueError:  # fewer placeholders than images: tokenize refuses it too
+            continue
+        valid.append(s)
+    got = batch_tokenizer(valid, chunk_samples=2)
+    want = [tokenize(batch_tokenizer.tokenizer, s.segments()) for s in valid]
+    assert got == want
+
+
+def test_batch_tokenizer_golden(batch_tokenizer):
+    sample = ChatSample(TURNS, [2, 1], system_prompt="You are a helpful assistant.")
+    ((ids, labels),) = batch_tokenizer([sample])
+    assert (ids, labels) == tokenize(batch_tokenizer.tokenizer, sample.segments())
+    assert ids.count(batch_tokenizer.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == 3
+
+
+def test_a_tokenizer_that_adds_bos_keeps_it_per_segment(tokenizer_dir):
+    """InternVL tokenises each segment with the tokenizer's special tokens (a BOS per segment
+    for tokenizers that add one): the batch tokenizer does the same."""
+    from tokenizers import processors
+
+    tok = load_tokenizer(tokenizer_dir)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    assert tok("a").input_ids[0] == bos
+    bt = BatchTokenizer(tok)
+    sample = ChatSample(TURNS, [2, 1])
+    assert bt.exact and bt([sample]) == [tokenize(tok, sample.segments())]
+
+
+def test_a_tokenizer_it_cannot_match_falls_back_to_tokenize(tokenizer_dir, monkeypatch):
+    tok = load_tokenizer(tokenizer_dir)
+    monkeypatch.setattr(BatchTokenizer, "_agrees_with_tokenize", lambda self: False)
+    bt = BatchTokenizer(tok)
+    sample = ChatSample(TURNS, [2, 1])
+    assert not bt.exact and bt([sample]) == [tokenize(tok, sample.segments())]

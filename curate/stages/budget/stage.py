@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate.core.chat import segments
+from curate.core.chat import BatchTokenizer, ChatSample
 from curate.core.folder import RunFolder
 from curate.core.io import path_identity, write_json_atomic, write_parquet_atomic
 from curate.core.stage import (
@@ -73,6 +72,16 @@ def cached_tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
+_BATCH_TOKENIZERS: dict[str, BatchTokenizer] = {}
+
+
+def cached_batch_tokenizer(path: str) -> BatchTokenizer:
+    """The template tokeniser over ``cached_tokenizer(path)`` (its self-check runs once)."""
+    if path not in _BATCH_TOKENIZERS:
+        _BATCH_TOKENIZERS[path] = BatchTokenizer(cached_tokenizer(path))
+    return _BATCH_TOKENIZERS[path]
+
+
 def _meta_or_pipeline(dataset: dict, cfg: BudgetConfig, key: str) -> int:
     """A dataset's own value in the meta JSON beats the pipeline's, which applies where the
     meta sets none (InternVL: the meta file's max_dynamic_patch beats the global one)."""
@@ -91,23 +100,23 @@ def _tiling_for(dataset: dict, cfg: BudgetConfig) -> TilingParams:
 
 
 def budget_rows(
-    rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer
+    rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer: BatchTokenizer
 ) -> list[dict]:
-    """Budget columns for sample rows (one tokenizer call for the whole batch)."""
+    """Budget columns for sample rows (the text of the whole batch tokenised at once)."""
     per_tile = tokens_per_tile(cfg.image_size)
-    out, all_segments, owner = [], [], []
-    for i, row in enumerate(rows):
+    out, chats = [], []
+    for row in rows:
         grids, frames = image_grids(
             row["images"], row["kind"], _tiling_for(datasets[row["dataset"]], cfg)
         )
-        segs = segments(
-            row["conversations"],
-            [0] * len(grids),
-            system_prompt=cfg.system_prompt,
-            n_video_frames=len(frames),
+        chats.append(
+            ChatSample(
+                row["conversations"],
+                [0] * len(grids),  # text only: <img></img> per image, counted as visual
+                system_prompt=cfg.system_prompt,
+                n_video_frames=len(frames),
+            )
         )
-        all_segments += [text for _, text in segs]
-        owner += [i] * len(segs)
         tiles = sum(grid_tiles(g) for g in grids)
         out.append(
             {
@@ -121,10 +130,9 @@ def budget_rows(
                 "visual_tokens": per_tile * tiles + 2 * len(grids),
             }
         )
-    lengths = [len(ids) for ids in tokenizer(all_segments).input_ids] if all_segments else []
-    text = np.bincount(np.asarray(owner, dtype=np.int64), weights=lengths, minlength=len(rows))
-    for i, r in enumerate(out):
-        r["text_tokens"] = int(text[i]) - 2 * r["n_images"]  # <img></img> counted as visual
+    lengths = [len(ids) for ids, _ in tokenizer(chats)]
+    for r, n in zip(out, lengths, strict=True):
+        r["text_tokens"] = n - 2 * r["n_images"]  # <img></img> counted as visual
         r["total_tokens"] = r["text_tokens"] + r["visual_tokens"]
     return out
 
@@ -163,7 +171,8 @@ class BudgetStage(ShardStage):
 
     def process(self, shard: ShardInput) -> ShardOutput:
         rows = shard.table("samples").to_pylist()
-        budget = budget_rows(rows, self.datasets, self.config, cached_tokenizer(self.tokenizer))
+        tokenizer = cached_batch_tokenizer(self.tokenizer)
+        budget = budget_rows(rows, self.datasets, self.config, tokenizer)
         return ShardOutput(pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA))
 
 

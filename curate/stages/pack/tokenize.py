@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.core.chat import IGNORE_INDEX, segments, tokenize
+from curate.core.chat import IGNORE_INDEX, BatchTokenizer, ChatSample
 from curate.core.folder import RunFolder
 from curate.core.images import decode_error
 from curate.core.io import path_identity
 from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import ShardInput, ShardOutput, ShardStage
-from curate.stages.budget.stage import cached_tokenizer
+from curate.stages.budget.stage import cached_batch_tokenizer
 from curate.stages.budget.tiling import tokens_per_tile
 from curate.stages.pack.config import PackConfig
 
@@ -51,31 +51,27 @@ TOKENS_SCHEMA = pa.schema(
 )
 
 
-def tokenize_sample(
-    sample: dict,
-    budget: dict,
-    tokenizer,
-    *,
-    data_augment: bool,
-    system_prompt: str | None,
-    per_tile: int = 256,
-) -> dict:
+def chat_sample(sample: dict, budget: dict, *, system_prompt: str | None, per_tile: int):
+    """The sample as the template tokeniser takes it: turns and its images' context counts at
+    the budget's grids (video: the sampled frames)."""
+    counts = [per_tile * (g["cols"] * g["rows"] + int(g["thumbnail"])) for g in budget["grids"]]
+    return ChatSample(
+        sample["conversations"],
+        counts,
+        system_prompt=system_prompt,
+        n_video_frames=len(budget["frame_indices"]),
+    )
+
+
+def token_row(sample: dict, budget: dict, ids: list[int], labels: list[int], augment: bool):
     """One sample's training row: ids, labels, counts and the images with their grids."""
     grids = budget["grids"]
     if sample["kind"] == "video":
         sources = [sample["images"][i] for i in budget["frame_indices"]]
     else:
         sources = sample["images"]
-    counts = [per_tile * (g["cols"] * g["rows"] + int(g["thumbnail"])) for g in grids]
-    segs = segments(
-        sample["conversations"],
-        counts,
-        system_prompt=system_prompt,
-        n_video_frames=len(budget["frame_indices"]),
-    )
-    ids, labels = tokenize(tokenizer, segs)
     images = [
-        {"path": im["path"], **g, "data_augment": data_augment}
+        {"path": im["path"], **g, "data_augment": augment}
         for im, g in zip(sources, grids, strict=True)
     ]
     return {
@@ -85,10 +81,30 @@ def tokenize_sample(
         "input_ids": ids,
         "labels": labels,
         "n_tokens": len(ids),
-        "n_supervised": sum(1 for x in labels if x != IGNORE_INDEX),
-        "tiles": budget["tiles"],
+        "n_supervised": sum(label != IGNORE_INDEX for label in labels),
+        "tiles": sum(g["cols"] * g["rows"] + int(g["thumbnail"]) for g in grids),
         "images": images,
     }
+
+
+def tokenize_rows(
+    samples: list[dict],
+    budgets: dict[str, dict],
+    tokenizer: BatchTokenizer,
+    *,
+    augment: dict[str, bool],
+    system_prompt: str | None,
+    per_tile: int = 256,
+) -> list[dict]:
+    """Training rows of a shard's samples, the text of all of them tokenised at once."""
+    chats = [
+        chat_sample(s, budgets[s["sample_id"]], system_prompt=system_prompt, per_tile=per_tile)
+        for s in samples
+    ]
+    return [
+        token_row(s, budgets[s["sample_id"]], ids, labels, augment[s["dataset"]])
+        for s, (ids, labels) in zip(samples, tokenizer(chats), strict=True)
+    ]
 
 
 class TokenizeStage(ShardStage):
@@ -136,18 +152,14 @@ class TokenizeStage(ShardStage):
     def process(self, shard: ShardInput) -> ShardOutput:
         samples = shard.table("samples").to_pylist()
         budgets = {b["sample_id"]: b for b in shard.table("budget").to_pylist()}
-        tok = cached_tokenizer(self.tokenizer)
-        rows = [
-            tokenize_sample(
-                s,
-                budgets[s["sample_id"]],
-                tok,
-                data_augment=self.augment[s["dataset"]],
-                system_prompt=self.config.system_prompt,
-                per_tile=tokens_per_tile(self.image_size),
-            )
-            for s in samples
-        ]
+        rows = tokenize_rows(
+            samples,
+            budgets,
+            cached_batch_tokenizer(self.tokenizer),
+            augment=self.augment,
+            system_prompt=self.config.system_prompt,
+            per_tile=tokens_per_tile(self.image_size),
+        )
         entries = unreadable_entries(rows) if self.verify_images else []
         rejected = {e.sample_id for e in entries}
         rows = [r for r in rows if r["sample_id"] not in rejected]

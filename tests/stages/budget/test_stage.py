@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from curate.core.chat import segments, tokenize
+from curate.core.chat import BatchTokenizer, segments, tokenize
 from curate.core.folder import RunFolder
 from curate.core.io import read_json
 from curate.stages.budget.config import BudgetConfig
@@ -116,7 +116,8 @@ def test_settings_change_redoes_shards(run_copy, budgeted_run, tokenizer_dir):
 
 
 def test_budget_rows_empty_batch(tokenizer_dir):
-    assert budget_rows([], {}, BudgetConfig(), load_tokenizer(tokenizer_dir)) == []
+    empty = budget_rows([], {}, BudgetConfig(), BatchTokenizer(load_tokenizer(tokenizer_dir)))
+    assert empty == []
 
 
 def test_readme_mixture_example_keeps_every_dataset(run_copy, budgeted_run, tokenizer_dir):
