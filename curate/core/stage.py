@@ -25,6 +25,7 @@ rule. The engine checks that every input sample comes out as a row or a rejectio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,11 @@ class Stage:
     def extra_inputs(self, run: RunFolder) -> dict[str, str]:
         """Inputs outside the run's tables (files, review decisions), by name -> identity."""
         return {}
+
+
+def cpu_workers(configured: int | None) -> int:
+    """Processes for a stage's shards: the configured number, else every core."""
+    return configured or os.cpu_count() or 1
 
 
 class ShardStage(Stage):

@@ -84,3 +84,22 @@ def test_no_image_reaches_packs_unverified(tmp_path, demo_dir, tokenizer_dir, fi
 def test_filter_that_decodes_spares_tokenize_the_work(tmp_path, demo_dir, tokenizer_dir):
     tokenize = build_stages(_config(tmp_path, demo_dir, tokenizer_dir))[-2]
     assert tokenize.name == "tokenize" and not tokenize.verify_images
+
+
+def test_shard_stages_use_every_core_unless_told(tmp_path, demo_dir, tokenizer_dir, monkeypatch):
+    import os
+
+    from curate.core.stage import ShardStage
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    config = validate(
+        {
+            "run": str(tmp_path),
+            "meta": str(demo_dir / "meta.json"),
+            "models": {"tokenizer": str(tokenizer_dir)},
+            "stages": {"ingest": {}, "budget": {}, "filter": {}, "pack": {"workers": 2}},
+        },
+        "test",
+    )
+    workers = {s.name: s.workers for s in build_stages(config) if isinstance(s, ShardStage)}
+    assert workers == {"ingest": 6, "budget": 6, "filter": 6, "tokenize": 2}

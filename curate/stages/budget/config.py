@@ -50,7 +50,9 @@ class BudgetConfig(BaseModel):
         "equal: a dataset's share of target_tokens is weight / sum of weights, whatever its "
         "size (weight 1 everywhere: equal shares)",
     )
-    workers: int = Field(1, ge=1, description="processes budgeting shards in parallel")
+    workers: int | None = Field(
+        None, ge=1, description="processes budgeting shards in parallel (default: all cores)"
+    )
 
     @model_validator(mode="after")
     def _weights_need_a_target(self) -> BudgetConfig:

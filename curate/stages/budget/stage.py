@@ -23,6 +23,7 @@ from curate.core.stage import (
     ShardInput,
     ShardOutput,
     ShardStage,
+    cpu_workers,
 )
 from curate.stages.budget.config import BudgetConfig
 from curate.stages.budget.costs import TilingParams, grid_tiles, image_grids
@@ -151,7 +152,7 @@ class BudgetStage(ShardStage):
     def __init__(self, config: BudgetConfig, tokenizer: str | Path) -> None:
         super().__init__(config)
         self.tokenizer = str(Path(tokenizer).resolve())
-        self.workers = config.workers
+        self.workers = cpu_workers(config.workers)
         self.datasets: dict[str, dict] = {}
 
     def settings(self) -> dict:

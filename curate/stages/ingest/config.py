@@ -20,4 +20,6 @@ class IngestConfig(BaseModel):
     max_line_bytes: int = Field(
         DEFAULT_MAX_LINE_BYTES, ge=1, description="longer annotation lines are rejected unparsed"
     )
-    workers: int = Field(1, ge=1, description="processes parsing shards in parallel")
+    workers: int | None = Field(
+        None, ge=1, description="processes parsing shards in parallel (default: all cores)"
+    )

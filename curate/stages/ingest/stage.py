@@ -25,7 +25,7 @@ import xxhash
 
 from curate.core.folder import RunFolder
 from curate.core.records import SAMPLE_SCHEMA, LedgerEntry, ledger_table, sample_id
-from curate.core.stage import ShardInput, ShardOutput, ShardStage
+from curate.core.stage import ShardInput, ShardOutput, ShardStage, cpu_workers
 from curate.stages.ingest.config import IngestConfig
 from curate.stages.ingest.jsonarray import (
     CHUNK_BYTES,
@@ -416,7 +416,7 @@ class IngestStage(ShardStage):
     def __init__(self, config: IngestConfig, meta: str | Path) -> None:
         super().__init__(config)
         self.meta = str(Path(meta).resolve())
-        self.workers = config.workers
+        self.workers = cpu_workers(config.workers)
         self._tasks: dict[str, ShardTask] | None = None
         self._line_counts: dict[str, int] = {}
         self._specs: list[DatasetSpec] = []

@@ -35,4 +35,6 @@ class PackConfig(BaseModel):
         "exclude", description="flagged samples nobody reviewed: leave out or pack them"
     )
     packs_per_shard: int = Field(1000, ge=1, description="packs per manifest shard")
-    workers: int = Field(1, ge=1, description="processes tokenising shards in parallel")
+    workers: int | None = Field(
+        None, ge=1, description="processes tokenising shards in parallel (default: all cores)"
+    )

@@ -21,7 +21,7 @@ from curate.core.folder import RunFolder
 from curate.core.images import decode_error
 from curate.core.io import path_identity
 from curate.core.records import LedgerEntry, ledger_table
-from curate.core.stage import ShardInput, ShardOutput, ShardStage
+from curate.core.stage import ShardInput, ShardOutput, ShardStage, cpu_workers
 from curate.stages.budget.stage import cached_batch_tokenizer
 from curate.stages.budget.tiling import tokens_per_tile
 from curate.stages.pack.config import PackConfig
@@ -124,7 +124,7 @@ class TokenizeStage(ShardStage):
         self.tokenizer = str(Path(tokenizer).resolve())
         self.image_size = image_size
         self.verify_images = verify_images  # True when no filter stage decodes the pixels
-        self.workers = config.workers
+        self.workers = cpu_workers(config.workers)
         self.augment: dict[str, bool] = {}
 
     @property
