@@ -35,6 +35,18 @@ class PackConfig(BaseModel):
         "exclude", description="flagged samples nobody reviewed: leave out or pack them"
     )
     packs_per_shard: int = Field(1000, ge=1, description="packs per manifest shard")
+    balance_ranks: int | None = Field(
+        None,
+        ge=2,
+        description="order the packs so that each group of this many (the packs that run side "
+        "by side on that many data-parallel ranks in one step) has near-equal cost; unset: "
+        "the seeded shuffle",
+    )
+    cost_model: Literal["internvl2_5_1b", "internvl2_5_8b"] = Field(
+        "internvl2_5_1b",
+        description="the model whose FLOPs (ViT per tile, LLM per token and per len²) give a "
+        "pack's cost (manifest column cost_flops; rank balance in the report)",
+    )
     workers: int | None = Field(
         None, ge=1, description="processes tokenising shards in parallel (default: all cores)"
     )

@@ -41,3 +41,8 @@ PACK_SCHEMA = pa.schema(
 def tiles_of(image: dict) -> int:
     """Tiles one manifest image expands to."""
     return image["cols"] * image["rows"] + int(image["thumbnail"])
+
+
+# What pack writes: PACK_SCHEMA and each pack's estimated training FLOPs (curate.stages.pack.
+# balance). The trainer reads PACK_SCHEMA's columns only, so manifests made elsewhere still load.
+MANIFEST_SCHEMA = PACK_SCHEMA.append(pa.field("cost_flops", pa.float64()))

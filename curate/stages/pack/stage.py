@@ -13,7 +13,7 @@ Its rows (``pack/all.parquet``) say how many copies of each kept sample were pac
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import GlobalInput, GlobalOutput, GlobalStage
 from curate.core.status import decisions_path
 from curate.stages.budget.stage import cached_tokenizer
+from curate.stages.pack.balance import COST_MODELS, balanced_order, pack_shapes, step_imbalance
 from curate.stages.pack.binpack import lower_bound, pack_lengths
 from curate.stages.pack.bounds import REPORT_LP_TIME_LIMIT_S, best_bound
 from curate.stages.pack.config import PackConfig
@@ -36,6 +37,7 @@ from curate.stages.pack.manifest import PACK_IMAGE_TYPE, PACK_SCHEMA
 from curate.stages.pack.tokenize import TOKENS_SCHEMA
 
 STAGE = "pack"
+BALANCE_REPORT_RANKS = (8, 64)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class PackReport:
     lp_bound: int | None = None  # the 2-D LP bound (None: not run, the others already meet packs)
     # False: stopped early at the time box (still valid). No seconds here: reports compare equal.
     lp_bound_converged: bool | None = None
+    # Per rank count: step imbalance (max / mean pack cost of the packs side by side), mean and
+    # worst over the steps, for the shuffled order and the balanced one.
+    rank_balance: dict = field(default_factory=dict)
 
 
 def _eligible_tokens(inp: GlobalInput) -> tuple[pa.Table, pl.DataFrame]:
@@ -310,11 +315,29 @@ def run_pack(inp: GlobalInput, cfg: PackConfig, tokenizer: str | Path):
     n_tok = copies.column("n_tokens").to_numpy().astype(np.int64)
     n_til = copies.column("tiles").to_numpy().astype(np.int64)
     packs = assign_packs(n_tok, n_til, cfg)
-    manifest = build_manifest(copies, packs)
+    costs = COST_MODELS[cfg.cost_model].pack_costs(*pack_shapes(packs, n_tok, n_til))
+    balance = rank_balance(costs, cfg.seed)
+    if cfg.balance_ranks:
+        order = balanced_order(costs, cfg.balance_ranks, cfg.seed)
+        packs, costs = [packs[i] for i in order], costs[order]
+    manifest = build_manifest(copies, packs).append_column("cost_flops", pa.array(costs))
     _write_packs(inp.out, manifest, cfg.packs_per_shard)
     packed = _packed_samples(manifest)
     report = _report(cfg, status, eligible, entries, truncated_ids, packed, n_tok, n_til, packs)
+    report.rank_balance = balance
     return report, _outcomes(fits, copies_of, truncated_ids), entries
+
+
+def rank_balance(costs: np.ndarray, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Step imbalance (max / mean pack cost of a step) on 8 and 64 ranks: the shuffled order
+    and the balanced one (``balance_ranks``), so a user sees what balancing would give."""
+    return {
+        str(n): {
+            "shuffled": step_imbalance(costs, n),
+            "balanced": step_imbalance(costs[balanced_order(costs, n, seed)], n),
+        }
+        for n in BALANCE_REPORT_RANKS
+    }
 
 
 def _packed_samples(manifest: pa.Table) -> int:
