@@ -10,6 +10,8 @@ parses its lines independently (in parallel when asked).
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from curate.core.folder import RunFolder
+from curate.core.io import write_bytes_atomic
 from curate.core.records import SAMPLE_SCHEMA, LedgerEntry, ledger_table, sample_id
 from curate.core.stage import ShardInput, ShardOutput, ShardStage, cpu_workers
 from curate.stages.ingest.config import IngestConfig
@@ -162,18 +165,21 @@ def _line_starts(lines: list[bytes], crlf: list[bool], first: int = 0) -> np.nda
 
 
 def plan(
-    specs: list[DatasetSpec], shard_lines: int, chunk_bytes: int = CHUNK_BYTES
+    specs: list[DatasetSpec],
+    shard_lines: int,
+    chunk_bytes: int = CHUNK_BYTES,
+    cache_dir: Path | None = None,
 ) -> tuple[dict[str, ShardTask], dict[str, int]]:
     """Cut every dataset into shard tasks; also return each dataset's line count (elements,
-    for a ``.json`` array, which is read ``chunk_bytes`` at a time)."""
+    for a ``.json`` array, which is read ``chunk_bytes`` at a time).
+
+    With ``cache_dir``, a dataset's tasks are kept there, keyed by its meta entry, the
+    settings and its annotation file's size, mtime and inode: a command that finds the file
+    unchanged does not read it again (as make and rsync decide)."""
     tasks: dict[str, ShardTask] = {}
     line_counts: dict[str, int] = {}
     for spec in specs:
-        kind = annotation_format(spec)
-        if kind == "json_array":
-            cut = _array_tasks(spec, shard_lines, chunk_bytes)
-        else:
-            cut = _line_tasks(spec, shard_lines, jsonl=kind == "jsonl")
+        cut = _cached_tasks(spec, shard_lines, chunk_bytes, cache_dir)
         line_counts[spec.name] = sum(t.lines for t in cut)
         for k, task in enumerate(cut):
             shard = f"{_slug(spec.name)}-{k:05d}"
@@ -184,6 +190,40 @@ def plan(
                 )
             tasks[shard] = task
     return tasks, line_counts
+
+
+PLAN_CACHE_VERSION = 1  # bump when ShardTask or the planning changes
+
+
+def _dataset_tasks(spec: DatasetSpec, shard_lines: int, chunk_bytes: int) -> list[ShardTask]:
+    kind = annotation_format(spec)
+    if kind == "json_array":
+        return _array_tasks(spec, shard_lines, chunk_bytes)
+    return _line_tasks(spec, shard_lines, jsonl=kind == "jsonl")
+
+
+def _cached_tasks(
+    spec: DatasetSpec, shard_lines: int, chunk_bytes: int, cache_dir: Path | None
+) -> list[ShardTask]:
+    """A dataset's tasks from the plan cache when its file is unchanged, else planned anew
+    (and cached, replacing the dataset's older entry)."""
+    if cache_dir is None:
+        return _dataset_tasks(spec, shard_lines, chunk_bytes)
+    st = os.stat(spec.annotation)
+    key = [PLAN_CACHE_VERSION, spec.to_dict(), shard_lines, chunk_bytes]
+    key += [os.path.realpath(spec.annotation), st.st_size, st.st_mtime_ns, st.st_ino]
+    prefix = _slug(spec.name)
+    path = cache_dir / f"{prefix}.{xxhash.xxh3_64_hexdigest(orjson.dumps(key))}.pkl"
+    if path.exists():
+        try:
+            return pickle.loads(path.read_bytes())
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            pass  # an unreadable entry (another version of curate wrote it): plan again
+    tasks = _dataset_tasks(spec, shard_lines, chunk_bytes)
+    for old in cache_dir.glob(f"{prefix}.*.pkl"):
+        old.unlink(missing_ok=True)
+    write_bytes_atomic(pickle.dumps(tasks, protocol=pickle.HIGHEST_PROTOCOL), path)
+    return tasks
 
 
 def _by_shard(
@@ -425,24 +465,29 @@ class IngestStage(ShardStage):
     def table(self) -> str:
         return "samples"
 
-    def tasks(self) -> dict[str, ShardTask]:
-        if self._tasks is None:  # reads every annotation file once per command
+    def tasks(self, run: RunFolder | None = None) -> dict[str, ShardTask]:
+        """Planned once per command; an annotation file unchanged since the run's last
+        command is not read again (the plan cache in ``RUN/_cache/ingest``)."""
+        if self._tasks is None:
             self._specs = load_meta(self.meta)
-            self._tasks, self._line_counts = plan(self._specs, self.config.shard_lines)
+            cache = run.path / "_cache" / "ingest" if run is not None else None
+            self._tasks, self._line_counts = plan(
+                self._specs, self.config.shard_lines, cache_dir=cache
+            )
         return self._tasks
 
     def shards(self, run: RunFolder) -> list[str]:
-        return list(self.tasks())
+        return list(self.tasks(run))
 
     def shard_inputs(self, run: RunFolder, shard: str) -> dict[str, str]:
-        task = self.tasks()[shard]
+        task = self.tasks(run)[shard]
         key = [task.spec.to_dict(), task.first_line, task.lines, sorted(task.duplicates.items())]
         if task.copies:  # only then: shards without repeats keep the inputs they always had
             key.append(sorted(task.copies.items()))
         return {"annotation": xxhash.xxh3_64_hexdigest(orjson.dumps(key)) + task.content}
 
     def prepare(self, run: RunFolder) -> None:
-        self.tasks()
+        self.tasks(run)
         datasets = {
             s.name: {**s.to_dict(), "lines": self._line_counts[s.name]} for s in self._specs
         }

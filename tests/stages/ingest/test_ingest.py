@@ -454,3 +454,32 @@ def test_a_rejected_line_shows_its_raw_start_escaped_and_cut(tmp_path):
     assert raw.startswith('{"id": 7, "conversations": [\\x00 "café \\xff')
     assert raw.endswith("…") and len(raw) == 201 and "\x00" not in detail
     assert " | raw: " not in rows[3]["detail"]  # a blank line has nothing to show
+
+
+def test_an_unchanged_annotation_file_is_not_read_again(tmp_path, monkeypatch):
+    """The plan cache: a later command finds the file's size, mtime and inode unchanged and
+    does not read it; an edit (even one of the same size) plans it anew."""
+    import curate.stages.ingest.stage as ingest_stage
+
+    meta = _dataset(tmp_path, [_line(image="ok.png", id=k) for k in range(5)])
+    run = RunFolder(tmp_path / "run")
+    first = ingest(meta, run, IngestConfig(shard_lines=2))
+    assert first.rows_kept == 5
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the annotation file was read again")
+
+    monkeypatch.setattr(ingest_stage, "_read_lines", no_reading)
+    again = ingest(meta, run, IngestConfig(shard_lines=2))
+    assert again.redone == [] and len(list((run.path / "_cache" / "ingest").iterdir())) == 1
+    monkeypatch.undo()
+
+    ann = tmp_path / "ann.jsonl"
+    before = ann.stat()
+    ann.write_bytes(ann.read_bytes().replace(b'"id":4', b'"id":7'))  # same size
+    os.utime(ann, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    changed = ingest(meta, run, IngestConfig(shard_lines=2))
+    assert changed.redone == ["ds-00002"]
+    assert len(list((run.path / "_cache" / "ingest").iterdir())) == 1  # the old entry is gone
+    ids = {r["extra"] for r in run.read("samples").to_pylist()}
+    assert any('"id":7' in x for x in ids) and not any('"id":4' in x for x in ids)
