@@ -1,12 +1,15 @@
 """``curate demo make DIR``: a small, realistic InternVL-style mixture with planted bad samples.
 
-Seven datasets over five domains (single image, multi-image with ``Image-k:`` labels, video
+Eight datasets over six domains (single image, multi-image with ``Image-k:`` labels, video
 frames, text only), images of many sizes and aspect ratios, and the bad samples every later
-stage must catch. Deterministic for a seed.
+stage must catch; near-duplicates (text and images) and a small local benchmark
+(``benchmarks/demo_bench.parquet``) with a few items leaked into the training data, with the
+near-misses that must not be caught. Deterministic for a seed.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -220,6 +223,150 @@ def _plant_bad_samples(out: Path, rng: random.Random, by_name: dict[str, DemoDat
     )
 
 
+# The planted near-duplicates and leaks draw from their own random stream, so every other demo
+# sample (and every count earlier tests were written against) stays as it was.
+PLANTED_SEED = 7919
+
+# Benchmark questions: long enough (>= 13 words) for the 13-gram text check.
+BENCH_QUESTIONS = [
+    "Looking at the picture, which of the coloured shapes lies closest to the upper left "
+    "corner of the frame?",
+    "How many separate shapes can be counted in this image, and which colour covers the "
+    "largest area of it?",
+    "Is the background of this picture brighter at the top or at the bottom, and how can "
+    "you tell from the gradient?",
+    "Describe the position of the largest rectangle relative to the centre of the image and "
+    "name its colour precisely.",
+    "Which two shapes in this picture overlap each other, and which of the two is drawn on "
+    "top of the other one?",
+    "Estimate what fraction of the whole image is covered by circles and ellipses rather "
+    "than by the background gradient.",
+]
+
+
+def _bench_item(i: int, question: str, image: bytes) -> dict:
+    return {"id": f"demo-{i:03d}", "question": question, "answer": "A", "image": image}
+
+
+def _make_benchmark(out: Path, rng: random.Random) -> list[tuple[bytes, str]]:
+    """``benchmarks/demo_bench.parquet``: six items (HF-style image bytes, question, id);
+    returns each item's (image bytes, question)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    items = [(img.jpeg_bytes(img.scene(rng, 640, 480), quality=90), q) for q in BENCH_QUESTIONS]
+    rows = [_bench_item(i, q, b) for i, (b, q) in enumerate(items)]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "question": [r["question"] for r in rows],
+            "answer": [r["answer"] for r in rows],
+            "image": pa.array([{"bytes": r["image"], "path": None} for r in rows], image_type),
+        }
+    )
+    path = out / "benchmarks" / "demo_bench.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return items
+
+
+def _reword(text: str, swaps: dict[str, str]) -> str:
+    for a, b in swaps.items():
+        text = text.replace(a, b, 1)
+    return text
+
+
+def _plant_near_duplicates(out: Path, rng: random.Random, by_name: dict[str, DemoDataset]) -> None:
+    """Near-duplicates the neardup step must find, near-misses it must not, and benchmark
+    leaks the decontaminate step must find. Every planted id starts with ``nd:`` (a
+    near-duplicate copy), ``nm:`` (a near-miss) or ``leak:``."""
+    gen, sci, math = by_name["general_vqa"], by_name["science_text"], by_name["math_text"]
+    code = by_name["code_text"]
+    # Text only. Whitespace and punctuation edits, across datasets.
+    # (Datasets in meta order: math_text, code_text, science_text; the first copy is kept.)
+    q, a = "Explain one key idea from astronomy in simple words.", txt.paragraph(rng, 4)
+    math.add({"id": "nd:base_whitespace", "conversations": _conv(q, a, prefix="")})
+    edited = a.replace(". ", " .  ").replace(" a ", " a\n", 1).rstrip(".") + "!"
+    sci.add({"id": "nd:whitespace", "conversations": _conv(q.replace(" ", "  "), edited, "")})
+    # Reordered turns.
+    (q1, a1), (q2, a2) = txt.science_qa(rng), txt.general_qa(rng)
+    two = _conv(q1, a1, prefix="") + _conv(q2 + " Answer in prose.", a2, prefix="")
+    sci.add({"id": "nd:base_turns", "conversations": two})
+    sci.add({"id": "nd:reordered", "conversations": two[2:] + two[:2]})
+    # A reworded answer (two sentences begin with other words), and a near-miss: the same question
+    # with another answer.
+    q, a = "Explain one key idea from geography in simple words.", txt.paragraph(rng, 5)
+    code.add({"id": "nd:base_reworded", "conversations": _conv(q, a, prefix="")})
+    reworded = _reword(a, {"A ": "One ", ". A ": ". Another "})
+    sci.add({"id": "nd:reworded", "conversations": _conv(q, reworded, prefix="")})
+    sci.add({"id": "nm:same_question", "conversations": _conv(q, txt.paragraph(rng, 5), "")})
+    # Images with their conversations: resized, re-encoded, cropped copies.
+    root = out / gen.root
+    for k, (label, change) in enumerate(
+        (
+            ("resized", lambda im, p: img.save(img.resized(im, 0.6), p)),
+            ("jpeg_q35", lambda im, p: img.save(im, p, quality=35)),
+            ("cropped", lambda im, p: img.save(img.cropped(im, 0.01), p)),
+        )
+    ):
+        base = img.scene(rng, 800, 600)
+        img.save(base, root / f"scene_{k}.jpg", quality=92)
+        change(base, root / f"scene_{k}_{label}.jpg")
+        q, a = txt.general_qa(rng)
+        gen.add({"id": f"nd:base_{label}", "image": f"scene_{k}.jpg", "conversations": _conv(q, a)})
+        copy_text = _conv(q, a.replace(". ", ".  ").replace(",", ""))
+        gen.add(
+            {"id": f"nd:{label}", "image": f"scene_{k}_{label}.jpg", "conversations": copy_text}
+        )
+    # Near-misses: the same image asked about differently (normal SFT data), and the same
+    # conversation about a different image.
+    gen.add(
+        {
+            "id": "nm:same_image",
+            "image": "scene_0.jpg",
+            "conversations": _conv("What colours dominate this picture?", txt.paragraph(rng, 3)),
+        }
+    )
+    img.save(img.scene(rng, 800, 600), root / "scene_other.jpg", quality=92)
+    first = orjson.loads(next(line for line in gen.lines if b'"nd:base_resized"' in line))
+    gen.add(
+        {"id": "nm:same_text", "image": "scene_other.jpg", "conversations": first["conversations"]}
+    )
+    _plant_leaks(out, rng, by_name)
+
+
+def _plant_leaks(out: Path, rng: random.Random, by_name: dict[str, DemoDataset]) -> None:
+    gen, sci = by_name["general_vqa"], by_name["science_text"]
+    items = _make_benchmark(out, rng)
+    root = out / gen.root
+    # By image: item 1's image resized and re-encoded, asked about differently.
+    (root / "leak_image.jpg").parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(items[1][0])).convert("RGB")
+    img.save(img.resized(im, 0.8), root / "leak_image.jpg", quality=80)
+    q, a = txt.general_qa(rng)
+    gen.add({"id": "leak:image", "image": "leak_image.jpg", "conversations": _conv(q, a)})
+    # By text: item 3's question inside a text-only user turn.
+    question = "Answer briefly. " + items[3][1]
+    sci.add({"id": "leak:text", "conversations": _conv(question, txt.sentence(rng), prefix="")})
+    # By both: item 5's image file and question.
+    (root / "leak_both.jpg").write_bytes(items[5][0])
+    gen.add(
+        {
+            "id": "leak:both",
+            "image": "leak_both.jpg",
+            "conversations": _conv(items[5][1], txt.sentence(rng)),
+        }
+    )
+    # Near-miss: ten words of item 0's question (the check wants 13).
+    ten = " ".join(items[0][1].split()[:10])
+    sci.add(
+        {"id": "nm:ten_words", "conversations": _conv(ten + " Discuss.", txt.sentence(rng), "")}
+    )
+
+
 def make_demo(out_dir: str | Path, *, seed: int = 0, scale: int = 1) -> Path:
     """Write the demo mixture to ``out_dir``; returns the meta JSON path."""
     out = Path(out_dir)
@@ -236,6 +383,7 @@ def make_demo(out_dir: str | Path, *, seed: int = 0, scale: int = 1) -> Path:
     ]
     by_name = {d.name: d for d in datasets}
     _plant_bad_samples(out, rng, by_name)
+    _plant_near_duplicates(out, random.Random(seed + PLANTED_SEED), by_name)
     meta = {}
     for ds in datasets:
         ann = out / "annotations" / f"{ds.name}.jsonl"

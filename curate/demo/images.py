@@ -109,3 +109,48 @@ def write_png_bomb(path: Path, width: int = 60_000, height: int = 60_000) -> Non
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
     )
+
+
+def scene(rng: random.Random, width: int, height: int) -> Image.Image:
+    """A gradient with a few solid shapes: structure a perceptual hash can tell apart (the
+    noise photos above are all alike at 32×32), for the planted near-duplicate images."""
+    nrng = np.random.default_rng(rng.randrange(2**32))
+    y, x = np.mgrid[0:height, 0:width]
+    c0 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float64)
+    c1 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float64)
+    t = x / width * rng.uniform(-1, 1) + y / height * rng.uniform(-1, 1)
+    t = (t - t.min()) / (np.ptp(t) + 1e-9)
+    base = c0 * (1 - t[..., None]) + c1 * t[..., None] + nrng.normal(0, 6, (height, width, 3))
+    im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(3, 7)):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = (
+            x0 + rng.randint(width // 8, width // 2),
+            y0 + rng.randint(height // 8, height // 2),
+        )
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x1, y1], fill=fill)
+    return im
+
+
+def resized(im: Image.Image, factor: float) -> Image.Image:
+    w, h = im.size
+    return im.resize(
+        (max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.LANCZOS
+    )
+
+
+def cropped(im: Image.Image, margin: float) -> Image.Image:
+    """``im`` less ``margin`` of its width and height on every side."""
+    w, h = im.size
+    dx, dy = round(w * margin), round(h * margin)
+    return im.crop((dx, dy, w - dx, h - dy))
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 88) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

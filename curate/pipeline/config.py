@@ -22,8 +22,10 @@ from pydantic import (
 from curate.core.errors import CurateError
 from curate.core.executors import ExecutorConfig
 from curate.stages.budget.config import BudgetConfig
+from curate.stages.decontaminate.config import DecontaminateConfig
 from curate.stages.filters.config import FilterConfig
 from curate.stages.ingest.config import IngestConfig
+from curate.stages.neardup.config import NearDupConfig
 from curate.stages.pack.config import PackConfig
 from curate.stages.report.config import ReportConfig
 from curate.stages.score.config import ScoreConfig
@@ -55,6 +57,8 @@ class StagesConfig(Strict):
     ingest: IngestConfig | None = None
     budget: BudgetConfig | None = None
     filter: FilterConfig | None = None
+    decontaminate: DecontaminateConfig | None = None
+    neardup: NearDupConfig | None = None
     score: ScoreConfig | None = None
     pack: PackConfig | None = None
     train: TrainConfig | None = None
@@ -90,6 +94,11 @@ class PipelineConfig(Strict):
     def paths_to_check(self) -> list[tuple[str, Path]]:
         found = [("meta", self.meta)]
         found += [(f"models.{k}", v) for k, v in self.models if v is not None]
+        if self.stages.decontaminate is not None:
+            found += [
+                (f"stages.decontaminate.benchmarks.{b.name}", b.path)
+                for b in self.stages.decontaminate.benchmarks
+            ]
         return found
 
 

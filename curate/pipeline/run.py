@@ -5,6 +5,10 @@ Each section of ``stages:`` becomes one or two engine stages, in this order::
     ingest  -> ingest
     budget  -> budget, repeat          (tiles and tokens per shard; then repeat copies)
     filter  -> duplicates, filter      (exact duplicates over the run; then rules per shard)
+    decontaminate -> signatures, decontaminate   (pHashes per shard; benchmark matches)
+    neardup -> signatures, neardup_groups, neardup
+                                       (MinHash + pHash per shard; clusters over the run,
+                                        out of core; near_duplicate rows per shard)
     score   -> score
     pack    -> tokenize, pack
     train   -> train
@@ -27,10 +31,14 @@ from curate.core.folder import RunFolder
 from curate.core.stage import Stage
 from curate.pipeline.config import PipelineConfig, PipelineError
 from curate.stages.budget.stage import BudgetStage, RepeatStage
+from curate.stages.decontaminate.stage import DecontaminateStage
 from curate.stages.filters.dedup import DuplicatesStage
 from curate.stages.filters.stage import FilterStage
 from curate.stages.ingest.config import IngestConfig
 from curate.stages.ingest.stage import IngestStage
+from curate.stages.neardup.groups import NearDupGroupsStage
+from curate.stages.neardup.signatures import SignaturesStage
+from curate.stages.neardup.stage import NearDupStage
 from curate.stages.pack.stage import PackStage
 from curate.stages.pack.tokenize import TokenizeStage
 from curate.stages.report.stage import ReportStage
@@ -41,6 +49,8 @@ SECTIONS = {
     "ingest": ("ingest",),
     "budget": ("budget", "repeat"),
     "filter": ("duplicates", "filter"),
+    "decontaminate": ("signatures", "decontaminate"),
+    "neardup": ("signatures", "neardup_groups", "neardup"),
     "score": ("score",),
     "pack": ("tokenize", "pack"),
     "train": ("train",),
@@ -63,13 +73,21 @@ def build_stages(config: PipelineConfig, executor: Executor | None = None) -> li
         stages += [BudgetStage(s.budget, tokenizer), RepeatStage(s.budget)]
     if s.filter is not None:
         stages += [DuplicatesStage(s.filter), FilterStage(s.filter)]
+    stages += _contamination_stages(config)
+    # What removes a sample before the judge sees it (none of these need the judge).
+    removed = tuple(n for n in ("filter", "decontaminate", "neardup") if getattr(s, n) is not None)
     if s.score is not None:
         judge = _needs(s.score.model or models.judge, "score.model or models.judge")
-        stages.append(ScoreStage(s.score, judge, _scorer_factory(executor)))
+        score = ScoreStage(s.score, judge, _scorer_factory(executor))
+        if removed != ("filter",):
+            # Contaminated samples (and near-duplicates set to reject) are not worth a judge
+            # call: the judge takes what every step before it kept.
+            score.respects = removed
+        stages.append(score)
     if s.pack is not None:
         _needs(s.budget, "stages.budget (pack packs the budget's grids)")
         tokenizer = _needs(models.tokenizer, "models.tokenizer")
-        judged = tuple(n for n in ("filter", "score") if getattr(s, n) is not None)
+        judged = (*removed, *(("score",) if s.score is not None else ()))
         decoded = s.filter is not None and s.filter.decode_images  # else tokenize decodes
         stages += [
             TokenizeStage(s.pack, tokenizer, s.budget.image_size, verify_images=not decoded),
@@ -81,6 +99,27 @@ def build_stages(config: PipelineConfig, executor: Executor | None = None) -> li
         stages.append(TrainStage(_train_config(config)))
     if s.report is not None:
         stages.append(ReportStage(s.report, tuple(st.name for st in stages)))
+    return stages
+
+
+def _contamination_stages(config: PipelineConfig) -> list[Stage]:
+    """signatures (shared), decontaminate, then the near-duplicate steps.
+
+    Decontamination runs first so that no contaminated sample is kept as the representative
+    of a near-duplicate cluster (its copies would all be lost with it)."""
+    s = config.stages
+    if s.decontaminate is None and s.neardup is None:
+        return []
+    frames = s.decontaminate.video_frames if s.decontaminate is not None else 8
+    stages: list[Stage] = [SignaturesStage(s.neardup, video_frames=frames)]
+    if s.decontaminate is not None:
+        stages.append(DecontaminateStage(s.decontaminate))
+    if s.neardup is not None:
+        excluded = ("decontaminate",) if s.decontaminate is not None else ()
+        stages += [
+            NearDupGroupsStage(s.neardup, excluded),
+            NearDupStage(s.neardup, ("filter", *excluded)),
+        ]
     return stages
 
 

@@ -43,6 +43,6 @@ def test_rejecting_a_duplicate_leaves_its_first_copy_alone(tmp_path):
     assert_user_error(result, "rejected at ingest (duplicate_sample)")
     status = dict(sample_status(run).select("sample_id", "status").iter_rows())
     assert status[first["sample_id"]] == "keep" and set(status.values()) == {"keep"}
-    # The notebook's view: the duplicate is a line ingest never accepted, not a kept sample.
+    # The notebook's view: the duplicate is a line ingest rejected (never a sample), not kept.
     (row,) = rejected_samples(run).to_dicts()
-    assert (row["line"], row["status"], row["ingested"]) == (7, None, False)
+    assert (row["line"], row["status"], row["ingested"]) == (7, "reject", False)

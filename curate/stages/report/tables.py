@@ -18,7 +18,18 @@ from curate.core.io import read_json
 from curate.core.status import load_decisions, sample_status
 
 # Stages in pipeline order, to sort ledger rules the way the data flowed.
-STAGE_ORDER = ("ingest", "budget", "filter", "score", "tokenize", "pack")
+STAGE_ORDER = (
+    "ingest",
+    "budget",
+    "filter",
+    "signatures",
+    "decontaminate",
+    "neardup_groups",
+    "neardup",
+    "score",
+    "tokenize",
+    "pack",
+)
 
 SAMPLE_COLUMNS = (
     "sample_id",
@@ -47,6 +58,9 @@ class RunTables:
     packs: pl.DataFrame | None = None  # n_tokens, n_tiles, n_samples per pack
     stats: dict[str, dict] = field(default_factory=dict)
     roots: list[Path] = field(default_factory=list)  # dataset roots images may be read from
+    text_clusters: pl.DataFrame | None = None  # neardup: one row per near-duplicate cluster
+    image_clusters: pl.DataFrame | None = None  # neardup: images shared by several samples
+    contamination: pl.DataFrame | None = None  # decontaminate: one row per sample and match
 
     @property
     def pack_caps(self) -> tuple[int, int] | None:
@@ -196,6 +210,54 @@ def load_run_tables(run: str | os.PathLike[str] | RunFolder) -> RunTables:
         packs=_read_packs(run),
         stats=stats,
         roots=dataset_roots(run),
+        text_clusters=_read_file(run.path / "neardup_groups" / "clusters" / "text.parquet"),
+        image_clusters=_read_file(run.path / "neardup_groups" / "clusters" / "images.parquet"),
+        contamination=_read_contamination(run),
+    )
+
+
+def _read_file(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.exists() else None
+
+
+def _read_contamination(run: RunFolder) -> pl.DataFrame | None:
+    """decontaminate/ rows exploded to one row per (sample, match): sample_id, dataset,
+    benchmark, item, by."""
+    table = _read_optional(run, "decontaminate", ["sample_id", "dataset", "matches"])
+    if table is None:
+        return None
+    return (
+        table.explode("matches")
+        .drop_nulls("matches")
+        .select(
+            "sample_id",
+            "dataset",
+            benchmark=pl.col("matches").struct.field("benchmark"),
+            item=pl.col("matches").struct.field("item"),
+            by=pl.col("matches").struct.field("by"),
+        )
+    )
+
+
+def contamination_by_benchmark(tables: RunTables) -> pl.DataFrame | None:
+    """Per benchmark: items matched, training samples matched and, of those, removed (status
+    reject after review), and how many were matched by an image / by text."""
+    found = tables.contamination
+    if found is None:
+        return None
+    status = tables.status.select("sample_id", "status")
+    per = found.join(status, on="sample_id", how="left")
+    return (
+        per.group_by("benchmark")
+        .agg(
+            items_matched=pl.col("item").n_unique(),
+            samples=pl.col("sample_id").n_unique(),
+            removed=pl.col("sample_id").filter(pl.col("status") == "reject").n_unique(),
+            by_image=pl.col("sample_id").filter(pl.col("by") == "image").n_unique(),
+            by_text=pl.col("sample_id").filter(pl.col("by") == "text").n_unique(),
+            datasets=pl.col("dataset").unique().sort(),
+        )
+        .sort("benchmark")
     )
 
 

@@ -21,6 +21,7 @@ from curate.core.io import write_bytes_atomic
 from curate.stages.report.html import CARD_CSS, fmt_number, sample_card_html
 from curate.stages.report.tables import (
     RunTables,
+    contamination_by_benchmark,
     counts_by_stage_rule_dataset,
     load_run_tables,
     rejected_samples,
@@ -130,6 +131,116 @@ def _pack_table(tables: RunTables) -> str:
     if caps:
         rows.insert(0, ["caps C (tokens) / K (tiles)", f"{caps[0]:,} / {caps[1]}"])
     return "<h3>packing</h3>" + _table(["measure", "value"], rows, {1})
+
+
+# Rows shown in each near-duplicate table (the largest clusters first).
+CLUSTER_ROWS = 20
+
+
+def _contamination_table(tables: RunTables) -> str:
+    df = contamination_by_benchmark(tables)
+    if df is None:
+        return ""
+    if df.is_empty():
+        return (
+            '<h3>benchmark contamination</h3><p class="empty">'
+            "no training sample matches a benchmark item</p>"
+        )
+    rows = [
+        [
+            r["benchmark"],
+            r["items_matched"],
+            r["samples"],
+            r["removed"],
+            r["by_image"],
+            r["by_text"],
+            ", ".join(r["datasets"]),
+        ]
+        for r in df.iter_rows(named=True)
+    ]
+    head = [
+        "benchmark",
+        "items matched",
+        "training samples",
+        "removed",
+        "by image",
+        "by text",
+        "datasets",
+    ]
+    return "<h3>benchmark contamination, per benchmark</h3>" + _table(head, rows, {1, 2, 3, 4, 5})
+
+
+def _text_cluster_table(tables: RunTables) -> str:
+    df = tables.text_clusters
+    if df is None:
+        return ""
+    if df.is_empty():
+        return '<h3>near-duplicate clusters</h3><p class="empty">no near-duplicates found</p>'
+    report = tables.stats.get("neardup_groups", {})
+    rows = [
+        [
+            f"{r['kept_dataset']}:{r['kept_line']}",
+            r["size"],
+            r["size"] - 1,
+            ", ".join(r["datasets"]),
+            r["min_similarity"],
+            "yes" if r["with_images"] else "no",
+        ]
+        for r in df.head(CLUSTER_ROWS).iter_rows(named=True)
+    ]
+    more = len(df) - len(rows)
+    note = (
+        f'<p class="sub">{len(df)} clusters, {int(df["size"].sum() - len(df))} near-duplicates '
+        f"marked; {report.get('candidate_pairs', 0)} candidate pairs from "
+        f"{report.get('bands', '?')} LSH bands, {report.get('verified_pairs', 0)} verified"
+        + (f"; the {more} smaller clusters are not listed" if more > 0 else "")
+        + "</p>"
+    )
+    head = [
+        "kept sample (dataset:line)",
+        "samples",
+        "marked",
+        "datasets",
+        "lowest Jaccard to kept",
+        "with images",
+    ]
+    return "<h3>near-duplicate clusters</h3>" + _table(head, rows, {1, 2, 4}) + note
+
+
+def _image_reuse_table(tables: RunTables) -> str:
+    df = tables.image_clusters
+    if df is None:
+        return ""
+    if df.is_empty():
+        return '<h3>image reuse</h3><p class="empty">no image is used by two samples</p>'
+    rows = [
+        [
+            Path(r["example"]).name,
+            r["files"],
+            r["samples"],
+            r["n_datasets"],
+            ", ".join(r["datasets"]),
+        ]
+        for r in df.head(CLUSTER_ROWS).iter_rows(named=True)
+    ]
+    more = len(df) - len(rows)
+    note = (
+        f'<p class="sub">{len(df)} image clusters (files within the pHash distance of '
+        "one another) used by more than one sample"
+        + (f"; the {more} smaller ones are not listed" if more > 0 else "")
+        + ". Several questions about one image are normal: a sample is a near-duplicate "
+        "only when its conversation is one too.</p>"
+    )
+    head = ["image (an example file)", "files", "samples", "datasets", "which"]
+    return "<h3>image reuse</h3>" + _table(head, rows, {1, 2, 3}) + note
+
+
+def _duplicates_section(tables: RunTables) -> str:
+    parts = [_contamination_table(tables), _text_cluster_table(tables), _image_reuse_table(tables)]
+    if not any(parts):
+        return ""
+    body = "".join(f"<div>{p}</div>" for p in parts if p)
+    return f'<h2>Near-duplicates and benchmark contamination</h2><div class="grid">{body}</div>'
 
 
 def _plot_img(fig, alt: str) -> str:
@@ -248,6 +359,7 @@ def render_report(
         "</div><div>",
         _pack_table(tables),
         "</div></div>",
+        _duplicates_section(tables),
         "<h2>Plots</h2>",
         plots,
         f'<h2 id="gallery">Rejected and flagged samples, per rule (at most {per_rule} each)</h2>',
