@@ -1,21 +1,26 @@
-"""Filters, side by side: curate's repetition detectors + rules against datatrove's
-GopherRepetitionFilter and data-juicer's character / word repetition filters, on the same
-generated conversations (normal answers plus planted loops, duplicate lines, zero runs).
+"""Filters on real text, side by side: curate's rules against datatrove's
+GopherRepetitionFilter and data-juicer's character / word repetition filters.
 
-    python bench/filters.py --samples 20000 --peer-python /tmp/benchvenv/bin/python
+    python bench/corpus.py --seed 3 --out /tmp/corpus3.jsonl   # optional: look at the data
+    python bench/filters.py --seed 3 --repeat 3 --peer-python /tmp/benchvenv/bin/python \
+        --images 300
+
+The data is ``bench/corpus.py``'s corpus for ``--seed``: real documents of this Python install
+(clean), the same kind of documents ending in planted generation loops (loop), and first
+sentences (short), each the one assistant answer of a text-only sample in its source's domain.
+The report gives, per rule, the share of loops caught and of clean documents and short answers
+flagged, beside the peers' decisions on the same texts; then speed per core (CPU seconds of one
+process, best of ``--repeat``: the dev machine is shared); then, with ``--images``, the image
+checks' decode rate and cache hit rate over two runs of the stage. Samples are judged without
+a run folder, so the run-wide exact-duplicate rule does not take part (a window drawn twice is
+not a false flag).
 
 The peers are not project dependencies; put them in a separate venv first:
 
     python -m venv /tmp/benchvenv
     /tmp/benchvenv/bin/pip install "datatrove[processing]" spacy py-data-juicer aiohttp
 
-Every side runs in one process and is timed in CPU seconds of that process (the dev machine is
-shared, so wall time swings with its load), best of ``--repeat`` runs: samples/s per core.
-Peers get each conversation's answers as one text (what they filter); curate reads the whole
-conversation (per answer). Where the formulas are the same (data-juicer's ratios; Gopher's
-metrics), curate's own implementations run on the peers' exact texts and their decisions are
-compared with the peers'. Without ``--peer-python`` (or if a peer fails to import) the peer
-columns say so and only curate's figures are printed.
+Without ``--peer-python`` (or if a peer fails to import) only curate's figures are printed.
 """
 
 from __future__ import annotations
@@ -23,60 +28,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+# Import the project from its root (this script may run from anywhere), and the corpus
+# builder by its file path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+sys.path.insert(0, str(ROOT))
 
-# --- the data ----------------------------------------------------------------------------------
-
-
-def make_conversations(n: int, seed: int = 0) -> list[dict]:
-    """Conversations (1-3 answers) of five domains; about 8% planted repetition of three kinds."""
-    sys.path.insert(0, str(ROOT))
-    from curate.demo import text as txt
-
-    rng = random.Random(seed)
-    gens = [
-        txt.general_qa,
-        txt.math_qa,
-        txt.code_qa,
-        txt.science_qa,
-        lambda r: txt.ocr_qa(txt.document_lines(r, r.randint(4, 16))),
-    ]
-    out = []
-    for i in range(n):
-        n_turns = 1 if rng.random() < 0.8 else rng.randint(2, 3)
-        turns = [rng.choice(gens)(rng) for _ in range(n_turns)]
-        kind = "normal"
-        u = rng.random()
-        if u < 0.04:
-            kind = "loop"
-            q, _ = turns[-1]
-            turns[-1] = (q, txt.generation_loop(rng)[: rng.randint(400, 1800)])
-        elif u < 0.06:
-            kind = "dup_lines"
-            q, _ = turns[-1]
-            turns[-1] = (q, "\n".join([txt.sentence(rng)] * rng.randint(6, 15)))
-        elif u < 0.08:
-            kind = "paragraph_loop"
-            q, _ = turns[-1]
-            turns[-1] = (q, "\n\n".join([txt.paragraph(rng, 3)] * rng.randint(3, 6)))
-        elif u < 0.09:
-            kind = "zeros"
-            q, a = turns[-1]
-            turns[-1] = (q, a + " 1" + "0" * rng.randint(40, 120) + ".")
-        out.append({"id": i, "kind": kind, "turns": turns})
-    return out
-
-
-def flat_text(conv: dict) -> str:
-    return "\n\n".join(a for _, a in conv["turns"])
-
+SETS = ("loop", "clean", "short")
+ONE_THREAD = {
+    k: "1"
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "POLARS_MAX_THREADS")
+}
 
 # --- the peers (run inside the bench venv) ------------------------------------------------------
 
@@ -121,25 +91,15 @@ def peer_main(which: str, texts_path: str, out_path: str, repeat: int) -> None:
 
 
 def run_peer(python: str, which: str, texts_path: str, repeat: int) -> dict:
+    import subprocess
+
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    env = {
-        **os.environ,
-        **{
-            k: "1"
-            for k in (
-                "OMP_NUM_THREADS",
-                "OPENBLAS_NUM_THREADS",
-                "MKL_NUM_THREADS",
-                "POLARS_MAX_THREADS",
-            )
-        },
-    }
     proc = subprocess.run(
         [python, __file__, "--peer", which, texts_path, out, str(repeat)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **ONE_THREAD},
         cwd="/tmp",
     )
     if proc.returncode != 0:
@@ -150,30 +110,25 @@ def run_peer(python: str, which: str, texts_path: str, repeat: int) -> dict:
 # --- curate --------------------------------------------------------------------------------------
 
 
-def curate_table(convs: list[dict]):
-    import pyarrow as pa
-
-    from curate.core.records import SAMPLE_SCHEMA
-
-    rows = []
-    for c in convs:
-        turns = []
-        for q, a in c["turns"]:
-            turns += [{"role": "human", "text": q}, {"role": "gpt", "text": a}]
-        rows.append(
-            {
-                "sample_id": str(c["id"]),
-                "dataset": "bench",
-                "line": c["id"] + 1,
-                "domain": "general",
-                "kind": "text",
-                "conversations": turns,
-                "images": [],
-                "video": None,
-                "extra": None,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+def sample_rows(rows: list[dict]) -> list[dict]:
+    """Corpus rows as sample rows (SAMPLE_SCHEMA): one question, the text as the answer."""
+    return [
+        {
+            "sample_id": f"c{r['id']}",
+            "dataset": f"corpus_{r['domain']}",
+            "line": r["id"] + 1,
+            "domain": r["domain"],
+            "kind": "text",
+            "conversations": [
+                {"role": "human", "text": "Please write this out."},
+                {"role": "gpt", "text": r["text"]},
+            ],
+            "images": [],
+            "video": None,
+            "extra": None,
+        }
+        for r in rows
+    ]
 
 
 def best_of(repeat: int, fn):
@@ -185,67 +140,151 @@ def best_of(repeat: int, fn):
     return best, out
 
 
-def curate_side(convs: list[dict], texts: list[str], repeat: int) -> dict:
+def curate_side(rows: list[dict], repeat: int) -> dict:
+    import pyarrow as pa
+
+    from curate.core.records import SAMPLE_SCHEMA, ledger_table
     from curate.stages.filters import repetition as rep
     from curate.stages.filters.config import FilterConfig
-    from curate.stages.filters.registry import REPETITION_RULES
-    from curate.stages.filters.rules import Batch, judge, measure
+    from curate.stages.filters.stage import filter_table
 
-    table = curate_table(convs)
+    table = pa.Table.from_pylist(sample_rows(rows), schema=SAMPLE_SCHEMA)
     cfg = FilterConfig(decode_images=False)
+    texts = [r["text"] for r in rows]
 
     def full():
-        reasons = []
-        for start in range(0, len(table), cfg.batch_rows):
-            batch = Batch.of(table.slice(start, cfg.batch_rows))
-            reasons += judge(batch, measure(batch, cfg), cfg)
-        return reasons
+        # What the stage does to a shard, but for reading and writing Parquet: measure, judge,
+        # the output table and the ledger.
+        kept, entries = filter_table(table, cfg, {})
+        return kept, ledger_table(entries)
 
-    res = {}
-    res["full_s"], reasons = best_of(repeat, full)
-    res["repetition_flag"] = [any(r.rule in REPETITION_RULES for r in why) for why in reasons]
-    res["any_flag"] = [bool(why) for why in reasons]
+    res: dict = {}
+    res["full_s"], (_, ledger) = best_of(repeat, full)
+    fired: dict[str, set[str]] = {}
+    for sid, rule in zip(ledger["sample_id"].to_pylist(), ledger["rule"].to_pylist(), strict=True):
+        fired.setdefault(sid, set()).add(rule)
+    res["rules"] = [sorted(fired.get(f"c{r['id']}", ())) for r in rows]
     res["char_s"], res["char"] = best_of(repeat, lambda: rep.char_repetition_ratios(texts, 10))
     res["word_s"], res["word"] = best_of(repeat, lambda: rep.word_repetition_ratios(texts, 10))
-    res["char_ref_s"], _ = best_of(1, lambda: [rep.char_repetition_ratio(t, 10) for t in texts])
-    res["gopher_s"], res["gopher"] = best_of(
-        repeat, lambda: [rep.gopher_failures(t) for t in texts]
-    )
     return res
 
 
-# --- report -------------------------------------------------------------------------------------
+# --- images ----------------------------------------------------------------------------------
 
 
-def rate(n: int, seconds: float) -> str:
-    return f"{n / seconds:,.0f}"
+def image_side(n_images: int, samples: int, shards: int, seed: int) -> dict:
+    """Two runs of the duplicate + filter stages over samples that share images across
+    shards: decodes, cache hits and decode rate of each (the second is a rerun after a
+    threshold change, which redoes every filter shard)."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from curate.core.engine import Engine
+    from curate.core.folder import RunFolder
+    from curate.core.io import write_json_atomic, write_parquet_atomic
+    from curate.core.records import SAMPLE_SCHEMA
+    from curate.stages.filters.config import FilterConfig
+    from curate.stages.filters.dedup import DuplicatesStage
+    from curate.stages.filters.images import read_cache_stats
+    from curate.stages.filters.stage import FilterStage
+
+    rng = random.Random(seed)
+    root = Path(tempfile.mkdtemp(prefix="curate-bench-img-"))
+    paths = []
+    for i in range(n_images):
+        w, h = rng.choice(((1280, 960), (1024, 768), (800, 600), (1920, 1080)))
+        arr = np.random.default_rng(i).integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+        im = Image.fromarray(arr).resize((w, h))
+        path = root / "img" / (f"{i}.jpg" if i % 3 else f"{i}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path, quality=90) if path.suffix == ".jpg" else im.save(path, compress_level=1)
+        paths.append((str(path), w, h))
+    rows = []
+    for k in range(samples):
+        p, w, h = paths[rng.randrange(n_images)]
+        rows.append(
+            {
+                "sample_id": f"s{k}",
+                "dataset": "images",
+                "line": k + 1,
+                "domain": "general",
+                "kind": "image",
+                "conversations": [
+                    {"role": "human", "text": f"<image>\nWhat is in image {k}?"},
+                    {"role": "gpt", "text": f"A picture, number {k}."},
+                ],
+                "images": [{"path": p, "width": w, "height": h}],
+                "video": None,
+                "extra": None,
+            }
+        )
+    run = RunFolder(root / "run")
+    write_json_atomic(
+        {"datasets": {"images": {"domain": "general"}}, "dataset_order": ["images"]},
+        run.path / "run.json",
+    )
+    per = -(-samples // shards)
+    for s in range(shards):
+        part = pa.Table.from_pylist(rows[s * per : (s + 1) * per], schema=SAMPLE_SCHEMA)
+        write_parquet_atomic(part, run.shard_path("samples", f"s-{s:04d}"))
+    out = {"images": n_images, "samples": samples, "shards": shards, "runs": []}
+    for threshold in (2.0, 3.0):
+        cfg = FilterConfig(workers=1, rules={"image_blank": {"threshold": threshold}})
+        t0 = time.process_time()
+        Engine(run, [DuplicatesStage(cfg), FilterStage(cfg)]).run_stages()
+        cpu = time.process_time() - t0
+        out["runs"].append({"cpu_s": cpu, **read_cache_stats(run.path)})
+    shutil.rmtree(root, ignore_errors=True)
+    return out
 
 
-def recall(flags: list[bool], kinds: list[str], kind: str) -> str:
-    picked = [
-        f for f, k in zip(flags, kinds, strict=True) if (k == kind if kind else k != "normal")
-    ]
-    return f"{sum(picked) / len(picked):.0%}" if picked else "-"
+# --- report ----------------------------------------------------------------------------------
+
+
+def pct(flags: list[bool]) -> str:
+    return f"{sum(flags) / len(flags):.1%}" if flags else "-"
+
+
+def load_corpus_module():
+    """``bench/corpus.py``, loaded by path (the bench folder is not on the import path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_corpus", BENCH / "corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
+    corpus_mod = load_corpus_module()
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--clean", type=int, default=2000)
+    ap.add_argument("--loops", type=int, default=1400)
+    ap.add_argument("--short", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer-python", default=None, help="python of the venv holding the peers")
+    ap.add_argument("--images", type=int, default=0, help="unique images for the decode bench")
+    ap.add_argument("--corpus", type=Path, default=None, help="read this corpus JSONL instead")
     args = ap.parse_args()
 
-    convs = make_conversations(args.samples, args.seed)
-    texts = [flat_text(c) for c in convs]
-    kinds = [c["kind"] for c in convs]
-    n = len(texts)
-    planted = ", ".join(sorted(set(kinds) - {"normal"}))
+    if args.corpus:
+        rows = [json.loads(x) for x in args.corpus.read_text().splitlines()]
+    else:
+        rows = corpus_mod.build(args.seed, args.clean, args.loops, args.short)
+    texts = [r["text"] for r in rows]
+    sets = [r["set"] for r in rows]
+    n = len(rows)
     print(
-        f"{n} conversations, {sum(len(t) for t in texts) / n:.0f} answer chars on average, "
-        f"{sum(k != 'normal' for k in kinds)} planted ({planted})"
+        f"corpus seed {args.seed}: {n} answers, {sum(map(len, texts)) / n:,.0f} chars on average "
+        f"({', '.join(f'{sets.count(s)} {s}' for s in SETS)})"
     )
-    ours = curate_side(convs, texts, args.repeat)
+    ours = curate_side(rows, args.repeat)
 
     peers: dict[str, dict] = {}
     if args.peer_python:
@@ -254,66 +293,110 @@ def main() -> None:
             texts_path = f.name
         for which in ("datatrove_gopher", "dj_char", "dj_word"):
             peers[which] = run_peer(args.peer_python, which, texts_path, args.repeat)
-    missing = {k: v["error"] for k, v in peers.items() if "error" in v}
-    for k, e in missing.items():
-        print(f"peer {k} could not run: {e}")
+    for k, v in peers.items():
+        if "error" in v:
+            print(f"peer {k} could not run: {v['error']}")
+    peers = {k: v for k, v in peers.items() if "error" not in v}
 
-    rows = [
-        ("curate: all rules + repetition detectors (per answer)", ours["full_s"]),
-        ("curate: data-juicer char ratio formula (vectorised batch)", ours["char_s"]),
-        ("curate: data-juicer word ratio formula (vectorised batch)", ours["word_s"]),
-        ("curate: Gopher metrics formula (all 13, per text)", ours["gopher_s"]),
-        ("curate: data-juicer char ratio, one-text reference", ours["char_ref_s"]),
-    ]
+    # -- what each rule catches ------------------------------------------------------------
+    def by_set(flags: list[bool]) -> list[str]:
+        return [pct([f for f, s in zip(flags, sets, strict=True) if s == want]) for want in SETS]
+
+    fired = Counter(rule for rs in ours["rules"] for rule in rs)
+    print("\n| rule | loops caught | clean documents flagged | short answers flagged |")
+    print("|---|---:|---:|---:|")
+    for rule in sorted(fired, key=lambda r: -fired[r]):
+        print(
+            f"| curate `{rule}` | "
+            + " | ".join(by_set([rule in rs for rs in ours["rules"]]))
+            + " |"
+        )
+    any_rule = [bool(rs) for rs in ours["rules"]]
+    print("| **curate, any rule** | " + " | ".join(f"**{x}**" for x in by_set(any_rule)) + " |")
     names = {
-        "datatrove_gopher": "datatrove GopherRepetitionFilter (spaCy words)",
-        "dj_char": "data-juicer character_repetition_filter",
-        "dj_word": "data-juicer word_repetition_filter",
+        "datatrove_gopher": "datatrove GopherRepetitionFilter",
+        "dj_char": "data-juicer character_repetition_filter (0.5)",
+        "dj_word": "data-juicer word_repetition_filter (0.5)",
     }
-    for k, v in peers.items():
-        if "error" not in v:
-            rows.append((names[k], v["seconds"]))
-    print("\n| side | CPU seconds | samples/s per core |\n|---|---:|---:|")
-    for name, s in rows:
-        print(f"| {name} | {s:.2f} | {rate(n, s)} |")
+    drops = {k: [not x for x in v["keep"]] for k, v in peers.items()}
+    for k, flags in drops.items():
+        print(f"| {names[k]} | " + " | ".join(by_set(flags)) + " |")
+    if "dj_char" in drops and "dj_word" in drops:
+        both = [a or b for a, b in zip(drops["dj_char"], drops["dj_word"], strict=True)]
+        print("| data-juicer, both ops | " + " | ".join(by_set(both)) + " |")
 
-    print("\n| check | agreement with the peer |\n|---|---|")
-    if "dj_char" in peers and "error" not in peers["dj_char"]:
-        p = peers["dj_char"]
-        same = sum(abs(a - b) < 1e-12 for a, b in zip(ours["char"], p["extra"], strict=True))
-        dec = sum((a <= 0.5) == k for a, k in zip(ours["char"], p["keep"], strict=True))
-        print(f"| char ratio values / decisions (max 0.5) | {same}/{n} equal, {dec}/{n} same |")
-    if "dj_word" in peers and "error" not in peers["dj_word"]:
-        p = peers["dj_word"]
-        same = sum(abs(a - b) < 1e-12 for a, b in zip(ours["word"], p["extra"], strict=True))
-        dec = sum((a <= 0.5) == k for a, k in zip(ours["word"], p["keep"], strict=True))
-        print(f"| word ratio values / decisions (max 0.5) | {same}/{n} equal, {dec}/{n} same |")
-    if "datatrove_gopher" in peers and "error" not in peers["datatrove_gopher"]:
-        p = peers["datatrove_gopher"]
-        dec = sum((not f) == k for f, k in zip(ours["gopher"], p["keep"], strict=True))
-        reason = sum(r in f for f, r in zip(ours["gopher"], p["extra"], strict=True) if r)
-        print(
-            f"| Gopher keep/drop | {dec}/{n} same; datatrove's first reason among ours in "
-            f"{reason}/{sum(1 for r in p['extra'] if r)} |"
+    kinds = sorted({r["loop_kind"] for r in rows if r["loop_kind"]})
+    print("\n| loops caught, by kind | " + " | ".join(kinds) + " |")
+    print("|---|" + "---:|" * len(kinds))
+    sides = {"curate, any rule": any_rule, **{names[k]: f for k, f in drops.items()}}
+    for name, flags in sides.items():
+        cells = [
+            pct([f for f, r in zip(flags, rows, strict=True) if r["loop_kind"] == k]) for k in kinds
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    src_kinds = sorted({r["kind"] for r in rows if r["set"] == "clean"})
+    print("\n| clean documents flagged, by source | " + " | ".join(src_kinds) + " |")
+    print("|---|" + "---:|" * len(src_kinds))
+    for name, flags in sides.items():
+        cells = []
+        for k in src_kinds:
+            picked = [
+                f
+                for f, r in zip(flags, rows, strict=True)
+                if r["set"] == "clean" and r["kind"] == k
+            ]
+            cells.append(f"{sum(picked)}/{len(picked)}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    # -- speed -----------------------------------------------------------------------------
+    print("\n| side | CPU seconds | answers/s per core |\n|---|---:|---:|")
+    table = [
+        ("**curate: the whole filter stage (all rules, per answer)**", ours["full_s"]),
+        ("curate: data-juicer char ratio formula alone", ours["char_s"]),
+        ("curate: data-juicer word ratio formula alone", ours["word_s"]),
+    ]
+    table += [(names[k], v["seconds"]) for k, v in peers.items()]
+    if "dj_char" in peers and "dj_word" in peers:
+        table.append(
+            (
+                "data-juicer, both ops chained",
+                peers["dj_char"]["seconds"] + peers["dj_word"]["seconds"],
+            )
         )
+    for name, s in table:
+        print(f"| {name} | {s:.2f} | {n / s:,.0f} |")
+    if "datatrove_gopher" in peers:
+        gopher = peers["datatrove_gopher"]["seconds"]
+        print(f"\nwhole stage vs datatrove Gopher, per core: {gopher / ours['full_s']:.1f}x")
+    if "dj_char" in peers and "dj_word" in peers:
+        dj = peers["dj_char"]["seconds"] + peers["dj_word"]["seconds"]
+        print(f"whole stage vs data-juicer's two ops chained, per core: {dj / ours['full_s']:.2f}x")
+    for key, peer in (("char", "dj_char"), ("word", "dj_word")):
+        if peer in peers:
+            same = sum(
+                abs(a - b) < 1e-12 for a, b in zip(ours[key], peers[peer]["extra"], strict=True)
+            )
+            print(f"data-juicer {key} ratio: {same}/{n} values equal to curate's formula")
 
-    print(
-        "\n| side | planted caught | loops | dup lines | paragraph loops | zero runs "
-        "| normal samples hit |\n|---|---:|---:|---:|---:|---:|---:|"
-    )
-
-    def line(name, flags):
+    if args.images:
+        res = image_side(args.images, args.images * 4, 8, args.seed)
         print(
-            f"| {name} | {recall(flags, kinds, '')} | {recall(flags, kinds, 'loop')} | "
-            f"{recall(flags, kinds, 'dup_lines')} | {recall(flags, kinds, 'paragraph_loop')} | "
-            f"{recall(flags, kinds, 'zeros')} | {recall(flags, kinds, 'normal')} |"
+            f"\nimages: {res['images']} unique images (1/3 PNG, 2/3 JPEG, 800x600 to 1920x1080), "
+            f"{res['samples']} samples over {res['shards']} shards, one worker"
         )
-
-    line("curate repetition rules", ours["repetition_flag"])
-    line("curate all rules", ours["any_flag"])
-    for k, v in peers.items():
-        if "error" not in v:
-            line(names[k], [not x for x in v["keep"]])
+        print(
+            "\n| run | CPU s | images looked up | decoded | cache hits | hit rate "
+            "| decoded images/s |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for k, r in enumerate(res["runs"]):
+            label = "first" if k == 0 else "rerun (threshold changed)"
+            rate = f"{r['images_per_s']:,.0f}" if r["decoded"] else "-"
+            print(
+                f"| {label} | {r['cpu_s']:.2f} | {r['images']} | {r['decoded']} | {r['hits']} | "
+                f"{r['hit_rate']:.1%} | {rate} |"
+            )
 
 
 if __name__ == "__main__":

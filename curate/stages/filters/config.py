@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curate.stages.filters.registry import RULES, RULES_BY_NAME
+from curate.stages.filters.registry import DOMAIN_THRESHOLDS, RULES, RULES_BY_NAME
 
 
 class RuleSetting(BaseModel):
@@ -59,12 +59,17 @@ class FilterConfig(BaseModel):
         default_factory=dict, description="changes per dataset name or domain (dataset wins)"
     )
     decode_images: bool = Field(True, description="decode pixels: unreadable and blank images")
-    min_lines: int = Field(4, ge=2, description="duplicate_lines looks at answers of >= lines")
+    min_lines: int = Field(
+        4, ge=2, description="duplicate_lines looks at answers of >= content lines"
+    )
+    min_line_chars: int = Field(
+        10, ge=1, description="duplicate_lines counts repeated lines of >= content characters"
+    )
     min_paragraphs: int = Field(
         3, ge=2, description="duplicate_paragraphs: answers of >= paragraphs"
     )
     repetition_min_chars: int = Field(
-        64, ge=1, description="char_repetition looks at answers of >= characters"
+        64, ge=1, description="char_repetition looks at answers of >= content characters"
     )
     tail_loop_min_chars: int = Field(40, ge=1, description="a tail loop covers >= characters")
     repeated_turn_min_chars: int = Field(
@@ -88,11 +93,14 @@ class FilterConfig(BaseModel):
         return v
 
     def resolve(self, dataset: str, domain: str | None) -> dict[str, ResolvedRule]:
-        """Every rule's settings for one dataset: defaults < rules < domain < dataset."""
+        """Every rule's settings for one dataset: defaults < built-in domain thresholds
+        (``DOMAIN_THRESHOLDS``) < rules < domain < dataset."""
         layers = [self.rules, self.overrides.get(domain or "", {}), self.overrides.get(dataset, {})]
         out = {}
+        builtin = DOMAIN_THRESHOLDS.get(domain or "", {})
         for rule in RULES:
-            threshold, severity, enabled = rule.threshold, rule.severity, rule.enabled
+            threshold = builtin.get(rule.name, rule.threshold)
+            severity, enabled = rule.severity, rule.enabled
             for layer in layers:
                 s = layer.get(rule.name)
                 if s is None:

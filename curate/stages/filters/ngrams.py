@@ -99,12 +99,23 @@ def span_hashes(cps: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndar
     on where it starts only through the factor R^left, which multiplying by R^−left removes
     (R is odd, hence invertible modulo 2^64).
     """
-    size = len(cps)
-    powers, inverse = _powers(size + 1)
-    with np.errstate(over="ignore"):
-        c = np.zeros(size + 1, dtype=np.uint64)
-        np.cumsum(mix_codepoints(cps) * powers[:size], out=c[1:])
-        return (c[right] - c[left]) * inverse[left]
+    return SpanHasher(mix_codepoints(cps))(left, right)
+
+
+class SpanHasher:
+    """``span_hashes`` of one array for many sets of spans: the prefix sums are made once."""
+
+    def __init__(self, mixed: np.ndarray) -> None:
+        """``mixed``: the symbols, already spread over 64 bits (``mix_codepoints``)."""
+        size = len(mixed)
+        powers, self._inverse = _powers(size + 1)
+        self._prefix = np.zeros(size + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            np.cumsum(mixed * powers[:size], out=self._prefix[1:])
+
+    def __call__(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return (self._prefix[right] - self._prefix[left]) * self._inverse[left]
 
 
 _POWERS: list[np.ndarray] = []
@@ -183,7 +194,7 @@ def window_hashes(
 # Group keys hold the text index in the top bits and 44 bits of the n-gram hash below it, so
 # one plain sort groups by (text, n-gram). Two n-grams of one text collide with probability
 # about W²/2^45 for W windows (1e-7 for a 2,000-character answer): negligible for a ratio.
-_OWNER_SHIFT = np.uint64(44)
+OWNER_SHIFT = np.uint64(44)
 MAX_TEXTS_PER_BATCH = 1 << 20
 
 
@@ -193,11 +204,11 @@ def group_counts(hashes: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if owner[-1] >= MAX_TEXTS_PER_BATCH:
         raise ValueError(f"at most {MAX_TEXTS_PER_BATCH} texts per batch")
-    keys = (owner.astype(np.uint64) << _OWNER_SHIFT) | (hashes >> np.uint64(20))
+    keys = (owner.astype(np.uint64) << OWNER_SHIFT) | (hashes >> np.uint64(20))
     keys.sort()
     starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
     counts = np.diff(np.append(starts, len(keys)))
-    return (keys[starts] >> _OWNER_SHIFT).astype(np.int64), counts
+    return (keys[starts] >> OWNER_SHIFT).astype(np.int64), counts
 
 
 def top_k_sums(
@@ -220,8 +231,14 @@ def top_k_sums(
 
 def segment_max(values: np.ndarray, owner: np.ndarray, n: int, empty: float = 0) -> np.ndarray:
     """Per text, the largest of its values (``empty`` where it has none)."""
-    out = np.full(n, -np.inf)
-    if len(values):
-        np.maximum.at(out, owner, values.astype(np.float64))
-    out[np.isneginf(out)] = empty
+    out = np.full(n, float(empty))
+    if not len(values):
+        return out
+    values = np.asarray(values, dtype=np.float64)
+    if len(owner) > 1 and (owner[1:] < owner[:-1]).any():
+        order = np.argsort(owner, kind="stable")
+        owner, values = owner[order], values[order]
+    # Owners in order: one reduceat over the runs of each owner (ufunc.at is far slower).
+    starts = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
+    out[owner[starts]] = np.maximum.reduceat(values, starts)
     return out

@@ -67,10 +67,11 @@ RULES: tuple[Rule, ...] = (
         "zero_run",
         "max_zero_run",
         ">",
-        32,
+        64,
         "flag",
         "text",
-        "an answer has a run of more zeros than this",
+        "an answer has a run of more zeros than this (a 64-bit word or a double's 52-bit"
+        " mantissa written out is not one)",
     ),
     Rule(
         "char_run",
@@ -122,19 +123,30 @@ RULES: tuple[Rule, ...] = (
         "duplicate_lines",
         "dup_line_frac",
         ">",
-        0.3,
+        0.5,
         "flag",
         "repetition",
-        "share of an answer's lines that repeat an earlier line (answers of >= min lines)",
+        "share of an answer's content characters in lines (of >= min_line_chars) that repeat an"
+        " earlier line (answers of >= min_lines content lines; layout-only lines ignored)",
     ),
     Rule(
         "duplicate_paragraphs",
         "dup_para_frac",
         ">",
-        0.3,
+        0.4,
         "flag",
         "repetition",
-        "share of an answer's paragraphs that repeat an earlier one (>= min paragraphs)",
+        "share of an answer's content characters in paragraphs that repeat an earlier one"
+        " (>= min paragraphs)",
+    ),
+    Rule(
+        "repeated_paragraph",
+        "repeated_para_chars",
+        ">",
+        20,
+        "flag",
+        "repetition",
+        "a paragraph of more content characters than this given twice in a row",
     ),
     Rule(
         "char_repetition",
@@ -143,16 +155,17 @@ RULES: tuple[Rule, ...] = (
         0.5,
         "flag",
         "repetition",
-        "data-juicer character 10-gram repetition ratio of an answer (>= min chars)",
+        "data-juicer's character 10-gram repetition ratio of an answer's content (words, not"
+        " layout; content of >= min chars)",
     ),
     Rule(
         "word_repetition",
         "word_rep_ratio",
         ">",
-        0.4,
+        0.7,
         "flag",
         "repetition",
-        "data-juicer word 10-gram repetition ratio of an answer",
+        "data-juicer's word 10-gram repetition ratio of an answer's content words (numbers kept)",
     ),
     Rule(
         "internvl_repetition",
@@ -172,7 +185,18 @@ RULES: tuple[Rule, ...] = (
         3,
         "flag",
         "repetition",
-        "an answer ends in a span repeated more times than this (a generation loop)",
+        "an answer ends in a span with content repeated more times than this (a generation loop;"
+        " numbers in the span may count on); layout repeats only as whole lines",
+    ),
+    Rule(
+        "counting_loop",
+        "counting_loop_items",
+        ">",
+        32,
+        "flag",
+        "repetition",
+        "an answer ends counting on: more numbers than this stepping evenly in a repeated"
+        " template with no word (1, 2, 3, … or 0.1 0.2 0.3 …)",
     ),
     Rule(
         "repeated_turns",
@@ -243,4 +267,14 @@ RULES: tuple[Rule, ...] = (
 )
 
 RULES_BY_NAME: dict[str, Rule] = {r.name: r for r in RULES}
+
+# Built-in thresholds per domain, where a domain's documents repeat more than prose does: code
+# repeats lines and phrases (similar functions, pydoc's inherited methods), OCR pages repeat
+# boilerplate (licence bundles, running headers). They sit between the defaults and the
+# pipeline file: any ``rules:`` or ``overrides:`` setting wins. README's filter section has
+# them as a table.
+DOMAIN_THRESHOLDS: dict[str, dict[str, float]] = {
+    "programming": {"duplicate_lines": 0.7, "duplicate_paragraphs": 0.6, "word_repetition": 0.95},
+    "ocr": {"duplicate_lines": 0.6, "word_repetition": 0.85},
+}
 REPETITION_RULES = frozenset(r.name for r in RULES if r.family == "repetition")

@@ -11,10 +11,12 @@ Peer formulas (each with a one-text reference and, where it pays, a vectorised b
 - ``internvl_ngram_repetition`` / ``check_conversations_repetition``: InternVL's own check
   (distinct repeated word 10-grams / all 10-grams of an assistant turn, > 0.4).
 
-Detectors for chat data: every metric is computed per assistant turn (never on one flat string
-of the whole conversation, where a question quoted in the answer would look like repetition),
-``repeated_turns`` finds an answer given twice in one conversation, and ``tail_loop`` finds the
-degenerate-generation pattern of a span repeated until the answer ends.
+What the rules read (``content_repetition``): every metric per assistant turn (never on one
+flat string of the whole conversation, where a question quoted in the answer would look like
+repetition), and on the turn's *content* (``layout.content_view``), not on its layout: a
+table's borders, a listing's margins or a document's underlines repeat by design. The peers'
+formulas above stay exact, for comparison. ``repeated_turns`` finds an answer given twice in
+one conversation; the loop detectors are in ``loops`` (``tail_loop`` is importable from here).
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ import math
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
-from curate.stages.filters import ngrams
+from curate.stages.filters import layout, loops, ngrams
 
 # data-juicer strips these from both ends of every word: punctuation, digits, whitespace, a list
 # of other symbols, and emoji. Emoji are approximated here by their Unicode blocks (data-juicer
@@ -108,9 +109,18 @@ def word_repetition_ratio(text: str, rep_len: int = 10) -> float:
 @ngrams.per_chunk
 def char_repetition_ratios(texts: list[str], rep_len: int = 10) -> np.ndarray:
     """``char_repetition_ratio`` of every text, computed for the whole batch at once."""
-    n = len(texts)
     cps, offsets = ngrams.codepoints(texts)
-    h, owner = ngrams.window_hashes(ngrams.mix_codepoints(cps), offsets, rep_len, mixed=True)
+    return char_ratios_of(cps, offsets, rep_len)
+
+
+def char_ratios_of(
+    cps: np.ndarray, offsets: np.ndarray, rep_len: int = 10, mixed: np.ndarray | None = None
+) -> np.ndarray:
+    """data-juicer's character n-gram ratio of every text of a batch of code points
+    (``mixed``: their ``mix_codepoints``, where already made)."""
+    n = len(offsets) - 1
+    mixed = ngrams.mix_codepoints(cps) if mixed is None else mixed
+    h, owner = ngrams.window_hashes(mixed, offsets, rep_len, mixed=True)
     g_owner, counts = ngrams.group_counts(h, owner)
     distinct = np.bincount(g_owner, minlength=n)
     singles = np.bincount(g_owner, weights=counts == 1, minlength=n)
@@ -118,6 +128,16 @@ def char_repetition_ratios(texts: list[str], rep_len: int = 10) -> np.ndarray:
     k = np.minimum(np.floor(np.sqrt(distinct)), distinct - singles).astype(np.int64)
     top = ngrams.top_k_sums(g_owner, counts, k, n)
     return np.divide(top, total, out=np.zeros(n), where=total > 0)
+
+
+def word_ratios_of(symbols: np.ndarray, offsets: np.ndarray, rep_len: int = 10) -> np.ndarray:
+    """data-juicer's word n-gram ratio of every text, its words given as 64-bit symbols."""
+    n = len(offsets) - 1
+    h, owner = ngrams.window_hashes(symbols, offsets, rep_len, mixed=True)
+    g_owner, counts = ngrams.group_counts(h, owner)
+    total = np.bincount(g_owner, weights=counts, minlength=n)
+    repeated = np.bincount(g_owner, weights=counts * (counts > 1), minlength=n)
+    return np.divide(repeated, total, out=np.zeros(n), where=total > 0)
 
 
 @cache
@@ -167,15 +187,10 @@ def _word_symbols(texts: list[str], kind: str) -> tuple[np.ndarray, np.ndarray]:
 @ngrams.per_chunk
 def word_repetition_ratios(texts: list[str], rep_len: int = 10) -> np.ndarray:
     """``word_repetition_ratio`` of every text, computed for the whole batch at once."""
-    n = len(texts)
-    if n == 0:
+    if not texts:
         return np.zeros(0)
     symbols, offsets = _word_symbols(texts, "dj")
-    h, owner = ngrams.window_hashes(symbols, offsets, rep_len, mixed=True)
-    g_owner, counts = ngrams.group_counts(h, owner)
-    total = np.bincount(g_owner, weights=counts, minlength=n)
-    repeated = np.bincount(g_owner, weights=counts * (counts > 1), minlength=n)
-    return np.divide(repeated, total, out=np.zeros(n), where=total > 0)
+    return word_ratios_of(symbols, offsets, rep_len)
 
 
 # --- datatrove (Gopher) ---------------------------------------------------------------------
@@ -321,67 +336,10 @@ def internvl_repetition_ratios(texts: list[str], n: int = 10) -> np.ndarray:
 
 # --- conversation-aware detectors -----------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class TailLoop:
-    """A span repeated until the answer ends: its length, how often, and how much it covers."""
-
-    repeats: float = 0.0  # looped characters / period
-    period: int = 0  # characters of the repeated span
-    chars: int = 0  # characters at the end of the answer covered by the loop
-    span: str = ""
-
-
-def tail_loop(
-    text: str, *, probe_chars: int = 16, max_candidates: int = 8, max_period: int = 4000
-) -> TailLoop:
-    """The longest periodic stretch that ends the text (trailing whitespace ignored).
-
-    If the end of a text repeats with period p, its last few characters (the probe) also occur
-    p characters earlier; so the candidate periods are the distances to the probe's previous
-    occurrences (found with ``str.rfind``, at C speed), and each is verified by comparing whole
-    periods backwards. The candidate whose repeated copies cover the most characters wins
-    (so the true period beats its multiples and a chance recurrence of the probe).
-    """
-    t = text.rstrip()
-    n = len(t)
-    m = min(probe_chars, n // 2)
-    best = TailLoop()
-    if m == 0:
-        return best
-    probe = t[n - m :]
-    pos = n - m
-    for _ in range(max_candidates):
-        pos = t.rfind(probe, 0, pos + m - 1)
-        if pos < 0:
-            break
-        p = n - m - pos
-        if p > max_period:
-            break
-        if best.period and p % best.period == 0:
-            continue  # a multiple of a period already measured covers no more
-        unit = t[n - p :]
-        start = n - p
-        if start < p or t[start - p : start] != unit:
-            continue  # not even two periods: nothing repeats here
-        while start >= p and t[start - p : start] == unit:
-            start -= p
-        covered = n - start + _common_suffix(t, start, start + p, p - 1)
-        if covered - p > best.chars - best.period:
-            best = TailLoop(covered / p, p, covered, unit)
-    return best
-
-
-def _common_suffix(t: str, a: int, b: int, limit: int) -> int:
-    """Largest k <= limit with t[a-k:a] == t[b-k:b] (binary search over C-speed compares)."""
-    lo, hi = 0, min(limit, a)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if t[a - mid : a] == t[b - mid : b]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+# The loop detectors live in ``loops``; their names stay importable from here.
+TailLoop = loops.TailLoop
+tail_loop = loops.tail_loop
+counting_loop = loops.counting_loop
 
 
 def _normalise_turn(text: str) -> str:
@@ -403,17 +361,122 @@ def repeated_turns(turns: list[str], min_chars: int = 20) -> int:
     return repeats
 
 
-def duplicate_fractions(text: str, min_lines: int, min_paragraphs: int) -> tuple[float, float]:
-    """Gopher's duplicate line and paragraph fractions of one answer, or 0.0 where the answer
-    has fewer (non-blank) lines / paragraphs than the minimum: two equal lines in a four-line
-    answer say nothing."""
-    line_frac = para_frac = 0.0
-    if text.count("\n") + 1 >= min_lines:
-        lines = [x for x in _LINES.split(text.strip()) if x.strip()]
-        if len(lines) >= min_lines:
-            line_frac = find_duplicates(lines)[0] / len(lines)
-    if text.count("\n\n") + 1 >= min_paragraphs:
-        paragraphs = _PARAGRAPHS.split(text.strip())
-        if len(paragraphs) >= min_paragraphs:
-            para_frac = find_duplicates(paragraphs)[0] / len(paragraphs)
-    return line_frac, para_frac
+# --- repetition of content (what the rules read) ----------------------------------------------
+
+CONTENT_METRICS = (
+    "char_rep_ratio",
+    "word_rep_ratio",
+    "dup_line_frac",
+    "dup_para_frac",
+    "repeated_para_chars",
+)
+
+
+def content_repetition(
+    texts: list[str],
+    *,
+    min_chars: int = 64,
+    min_lines: int = 4,
+    min_paragraphs: int = 3,
+    min_line_chars: int = 10,
+    rep_len: int = 10,
+) -> dict[str, np.ndarray]:
+    """Repetition of every text's content (``layout.content_view``: words, not layout), per text.
+
+    - ``char_rep_ratio`` / ``word_rep_ratio``: data-juicer's formulas on the content (texts
+      whose content has >= ``min_chars`` characters / >= ``rep_len`` words); content words keep
+      their numbers, so rows of a table that differ only in their values do not repeat;
+    - ``dup_line_frac``: share of the content's characters in lines (of >= ``min_line_chars``)
+      that repeat an earlier line, for texts of >= ``min_lines`` content lines;
+    - ``dup_para_frac``: the same for paragraphs, texts of >= ``min_paragraphs`` paragraphs;
+    - ``repeated_para_chars``: the longest paragraph given twice in a row (blank lines and
+      layout-only paragraphs between the copies ignored).
+    """
+    out = {k: np.zeros(len(texts)) for k in CONTENT_METRICS}
+    for part in ngrams.chunks(texts):
+        view = layout.content_view(layout.scan(texts[part]))
+        found = content_measures(
+            view, min_chars, min_lines, min_paragraphs, min_line_chars, rep_len
+        )
+        for k, v in found.items():
+            out[k][part] = v
+    return out
+
+
+def content_measures(
+    view: layout.ContentView,
+    min_chars: int,
+    min_lines: int,
+    min_paragraphs: int,
+    min_line_chars: int,
+    rep_len: int = 10,
+) -> dict[str, np.ndarray]:
+    """``content_repetition``'s measures of one content view."""
+    n = len(view.offsets) - 1
+    chars = np.diff(view.offsets)
+    mixed = ngrams.mix_codepoints(view.cps)
+    spans = ngrams.SpanHasher(mixed)
+    char_ratio = char_ratios_of(view.cps, view.offsets, rep_len, mixed)
+    char_ratio[chars < min_chars] = 0.0
+    sep = (view.cps == layout.SPACE) | (view.cps == layout.NEWLINE)
+    left, right = ngrams.token_spans(ngrams.text_starts(view.offsets, len(view.cps)), sep, ~sep)
+    word_counts = np.bincount(ngrams.owners(view.offsets)[left], minlength=n)
+    word_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(word_counts, out=word_offsets[1:])
+    word_ratio = word_ratios_of(spans(left, right), word_offsets, rep_len)
+
+    line_len = (view.line_end - view.line_start).astype(np.float64)
+    line_hash = spans(view.line_start, view.line_end)
+    total = np.bincount(view.line_owner, weights=line_len, minlength=n)
+    lines = np.bincount(view.line_owner, minlength=n)
+    eligible = line_len >= min_line_chars
+    dup = _repeats_earlier(line_hash, view.line_owner) & eligible
+    dup_lines = np.bincount(view.line_owner[dup], weights=line_len[dup], minlength=n)
+    line_frac = np.divide(
+        dup_lines, total, out=np.zeros(n), where=(total > 0) & (lines >= min_lines)
+    )
+
+    if not len(view.line_para):
+        zeros = np.zeros(n)
+        return {
+            "char_rep_ratio": char_ratio,
+            "word_rep_ratio": word_ratio,
+            "dup_line_frac": line_frac,
+            "dup_para_frac": zeros,
+            "repeated_para_chars": zeros,
+        }
+    # Paragraphs: runs of content lines with the same paragraph number.
+    first = np.concatenate(([True], view.line_para[1:] != view.line_para[:-1]))
+    last = np.concatenate((first[1:], [True]))
+    p_start, p_end = view.line_start[first], view.line_end[last]
+    p_owner = view.line_owner[first]
+    p_len = (p_end - p_start).astype(np.float64)
+    p_hash = spans(p_start, p_end)
+    paras = np.bincount(p_owner, minlength=n)
+    p_dup = _repeats_earlier(p_hash, p_owner)
+    dup_paras = np.bincount(p_owner[p_dup], weights=p_len[p_dup], minlength=n)
+    p_total = np.bincount(p_owner, weights=p_len, minlength=n)
+    para_frac = np.divide(
+        dup_paras, p_total, out=np.zeros(n), where=(p_total > 0) & (paras >= min_paragraphs)
+    )
+    again = np.concatenate(([False], (p_hash[1:] == p_hash[:-1]) & (p_owner[1:] == p_owner[:-1])))
+    repeated = ngrams.segment_max(p_len[again], p_owner[again], n, empty=0.0)
+    return {
+        "char_rep_ratio": char_ratio,
+        "word_rep_ratio": word_ratio,
+        "dup_line_frac": line_frac,
+        "dup_para_frac": para_frac,
+        "repeated_para_chars": repeated,
+    }
+
+
+def _repeats_earlier(hashes: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """True where an item equals an earlier item of the same text."""
+    if not len(hashes):
+        return np.zeros(0, dtype=bool)
+    keys = (owner.astype(np.uint64) << ngrams.OWNER_SHIFT) | (hashes >> np.uint64(20))
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    out = np.empty(len(keys), dtype=bool)
+    out[order] = np.concatenate(([False], k[1:] == k[:-1]))
+    return out

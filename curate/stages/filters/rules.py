@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from curate.core.records import SAMPLE_SCHEMA
 from curate.stages.filters import images as img
-from curate.stages.filters import ngrams
+from curate.stages.filters import layout, loops, ngrams
 from curate.stages.filters import repetition as rep
 from curate.stages.filters import text as txt
 from curate.stages.filters.config import FilterConfig, ResolvedRule
@@ -38,11 +38,13 @@ METRICS = (
     "placeholder_mismatch",
     "dup_line_frac",
     "dup_para_frac",
+    "repeated_para_chars",
     "char_rep_ratio",
     "word_rep_ratio",
     "internvl_rep_ratio",
     "tail_loop_repeats",
     "tail_loop_chars",
+    "counting_loop_items",
     "repeated_turns",
     "duplicate_of_earlier",
     "min_image_side",
@@ -75,7 +77,10 @@ class Batch:
     texts: list[str]
     images: list[list[dict]]
     duplicates: dict[str, FirstCopy] = field(default_factory=dict)
-    pixels: dict[str, img.Pixels] = field(default_factory=dict)
+    pixels: img.PixelCache = field(default_factory=img.PixelCache)
+    # What ``measure`` found per assistant turn (by turn index), for the details.
+    loops: dict[int, tuple[loops.TailLoop, loops.CountingLoop]] = field(default_factory=dict)
+    _turn_ranges: np.ndarray | None = None
 
     @classmethod
     def of(cls, table: pa.Table, duplicates: dict[str, FirstCopy] | None = None) -> Batch:
@@ -95,17 +100,36 @@ class Batch:
         )
 
     def turns(self, role: str) -> tuple[list[str], np.ndarray]:
+        texts, owner, _ = self.turns_at(role)
+        return texts, owner
+
+    def turns_at(self, role: str) -> tuple[list[str], np.ndarray, list[int]]:
+        """The turns of ``role``: texts, samples and turn indices."""
         pick = [i for i, r in enumerate(self.roles) if r == role]
-        return [self.texts[i] for i in pick], self.turn_owner[pick]
+        return [self.texts[i] for i in pick], self.turn_owner[pick], pick
+
+    def turn_range(self, i: int) -> range:
+        """The turns of sample ``i``."""
+        if self._turn_ranges is None:
+            self._turn_ranges = np.searchsorted(self.turn_owner, np.arange(len(self.table) + 1))
+        return range(int(self._turn_ranges[i]), int(self._turn_ranges[i + 1]))
 
 
 def measure(batch: Batch, cfg: FilterConfig) -> dict[str, np.ndarray]:
     """Every metric of every sample in the batch."""
     n = len(batch.table)
-    answers, owner = batch.turns("gpt")
+    answers, owner, at = batch.turns_at("gpt")
     user, user_owner = batch.turns("human")
     m: dict[str, np.ndarray] = {}
-    m.update(txt.answer_shape(answers, owner, n))
+    per_answer = _answer_metrics(answers, cfg)
+    batch.loops = dict(zip(at, per_answer.pop("loops"), strict=True))
+    # Counts add up over a sample's answers; every other metric is its worst answer's.
+    m["empty_answers"] = np.bincount(owner, weights=per_answer.pop("empty_answer"), minlength=n)
+    m["answer_placeholders"] = np.bincount(
+        owner, weights=per_answer.pop("placeholders"), minlength=n
+    )
+    for k, v in per_answer.items():
+        m[k] = _worst(v, owner, n)
     m.update(txt.char_counts(batch.texts, batch.turn_owner, n))
     kinds = batch.table.column("kind").to_pylist()
     m["placeholder_mismatch"] = txt.placeholder_mismatch(
@@ -115,26 +139,11 @@ def measure(batch: Batch, cfg: FilterConfig) -> dict[str, np.ndarray]:
         np.array([k == "video" for k in kinds]),
     )
 
-    # Repetition, per answer; a sample gets its worst answer's value.
-    fracs = [rep.duplicate_fractions(a, cfg.min_lines, cfg.min_paragraphs) for a in answers]
-    m["dup_line_frac"] = _worst([f[0] for f in fracs], owner, n)
-    m["dup_para_frac"] = _worst([f[1] for f in fracs], owner, n)
-    long_enough = np.array([len(a) >= cfg.repetition_min_chars for a in answers], dtype=bool)
-    char_ratio = np.zeros(len(answers))
-    if long_enough.any():
-        char_ratio[long_enough] = rep.char_repetition_ratios(
-            [a for a, ok in zip(answers, long_enough, strict=True) if ok]
-        )
-    m["char_rep_ratio"] = _worst(char_ratio, owner, n)
-    m["word_rep_ratio"] = _worst(rep.word_repetition_ratios(answers), owner, n)
-    m["internvl_rep_ratio"] = _worst(rep.internvl_repetition_ratios(answers), owner, n)
-    none = rep.TailLoop()
-    loops = [
-        lp if lp.chars >= cfg.tail_loop_min_chars else none
-        for lp in (rep.tail_loop(a) for a in answers)
-    ]
-    m["tail_loop_repeats"] = _worst([lp.repeats for lp in loops], owner, n)
-    m["tail_loop_chars"] = _worst([lp.chars for lp in loops], owner, n)
+    m["internvl_rep_ratio"] = (
+        _worst(rep.internvl_repetition_ratios(answers), owner, n)
+        if _enabled(batch, cfg, "internvl_repetition")
+        else np.full(n, np.nan)  # off: not measured
+    )
     by_sample: list[list[str]] = [[] for _ in range(n)]
     for a, o in zip(answers, owner, strict=True):
         by_sample[o].append(a)
@@ -148,8 +157,81 @@ def measure(batch: Batch, cfg: FilterConfig) -> dict[str, np.ndarray]:
 
     ids = batch.table.column("sample_id").to_pylist()
     m["duplicate_of_earlier"] = np.array([float(i in batch.duplicates) for i in ids])
-    m.update(img.image_metrics(batch.images, cfg.decode_images, cache=batch.pixels))
+    m.update(img.image_metrics(batch.images, cfg.decode_images, batch.pixels))
     return {k: m[k] for k in METRICS}
+
+
+def _answer_metrics(answers: list[str], cfg: FilterConfig) -> dict:
+    """Every per-answer metric: text shape, repetition of content and loops. The answers are
+    scanned chunk by chunk (arrays that fit in the CPU cache), each scan shared by the shape
+    and content measures."""
+    shape = txt.answer_shape(answers)
+    out = {
+        "empty_answer": shape["empty_answers"],
+        "placeholders": shape["answer_placeholders"],
+        "max_answer_chars": shape["max_answer_chars"],
+    }
+    out.update({k: np.zeros(len(answers)) for k in txt.SHAPE_METRICS + rep.CONTENT_METRICS})
+    for part in ngrams.chunks(answers):
+        sc = layout.scan(answers[part])
+        found = txt.shape(sc)
+        found.update(
+            rep.content_measures(
+                layout.content_view(sc),
+                cfg.repetition_min_chars,
+                cfg.min_lines,
+                cfg.min_paragraphs,
+                cfg.min_line_chars,
+            )
+        )
+        for k, v in found.items():
+            out[k][part] = v
+    found_loops = [_loop_of(a, cfg) for a in answers]
+    out["tail_loop_repeats"] = np.array([lp.repeats for lp, _ in found_loops], dtype=float)
+    out["tail_loop_chars"] = np.array([lp.chars for lp, _ in found_loops], dtype=float)
+    out["counting_loop_items"] = np.array([c.items for _, c in found_loops], dtype=float)
+    out["loops"] = found_loops
+    return out
+
+
+# Beyond this many copies a plain loop is taken as found; below it, the answer may still be
+# counting on (``7. Step``, ``8. Step``), which only the slower counting check sees.
+PLAIN_LOOP_REPEATS = 3
+
+
+def _loop_of(answer: str, cfg: FilterConfig) -> tuple[loops.TailLoop, loops.CountingLoop]:
+    """The answer's tail loop and counting loop, as the rules read them.
+
+    A tail loop counts when its span has content, or when whole layout lines repeat (a table
+    border or separator line emitted again and again), and covers >= ``tail_loop_min_chars``.
+    A counting template with words (``Step 7: …``) is a tail loop; one of numbers only
+    (``1, 2, 3, …``) is a counting loop.
+    """
+    lp = loops.tail_loop(answer)
+    if lp.chars < cfg.tail_loop_min_chars or not (lp.content or lp.line_loop):
+        lp = loops.TailLoop()
+    if lp.repeats > PLAIN_LOOP_REPEATS:  # a clear plain loop: counting on would add nothing
+        return lp, loops.CountingLoop()
+    count = loops.counting_loop(answer)
+    if count.chars < cfg.tail_loop_min_chars:
+        return lp, loops.CountingLoop()
+    if count.content:
+        if count.repeats > lp.repeats:
+            lp = loops.TailLoop(count.repeats, len(count.span), count.chars, count.span, True)
+        return lp, loops.CountingLoop()
+    return lp, count
+
+
+def _enabled(batch: Batch, cfg: FilterConfig, rule: str) -> bool:
+    """Whether ``rule`` is on for any sample of the batch (off everywhere: skip its metric)."""
+    keys = set(
+        zip(
+            batch.table.column("dataset").to_pylist(),
+            batch.table.column("domain").to_pylist(),
+            strict=True,
+        )
+    )
+    return any(cfg.resolve(*key)[rule].enabled for key in keys)
 
 
 def _worst(values, owner: np.ndarray, n: int) -> np.ndarray:
@@ -218,15 +300,18 @@ def _clip(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _turns_of(batch: Batch, i: int) -> range:
-    return range(*np.searchsorted(batch.turn_owner, [i, i + 1]))
-
-
 def _answers_of(batch: Batch, i: int) -> list[tuple[int, str]]:
     return [
         (int(batch.turn_index[k]), batch.texts[k])
-        for k in _turns_of(batch, i)
+        for k in batch.turn_range(i)
         if batch.roles[k] == "gpt"
+    ]
+
+
+def _loops_of(batch: Batch, i: int) -> list[tuple[int, loops.TailLoop, loops.CountingLoop]]:
+    """The loops ``measure`` found in sample ``i``'s answers: (turn, tail loop, counting)."""
+    return [
+        (int(batch.turn_index[k]), *batch.loops[k]) for k in batch.turn_range(i) if k in batch.loops
     ]
 
 
@@ -247,12 +332,17 @@ def describe(
         turns = [k for k, a in answers if not a.strip()]
         return f"{base}: empty assistant turn(s) {turns}"
     if rule == "tail_loop":
-        k, a = max(answers, key=lambda ka: rep.tail_loop(ka[1]).chars)
-        lp = rep.tail_loop(a)
+        k, lp, _ = max(_loops_of(batch, i), key=lambda x: x[1].repeats)
         return (
             f"{base}: turn {k} ends with «{_clip(lp.span)}» ({lp.period} chars) repeated "
             f"{lp.repeats:.1f}x over its last {lp.chars} chars"
         )
+    if rule == "counting_loop":
+        k, _, c = max(_loops_of(batch, i), key=lambda x: x[2].items)
+        return f"{base}: turn {k} ends counting on, «{_clip(c.span)}» {c.items} times"
+    if rule == "repeated_paragraph":
+        k, para = _repeated_paragraph(answers)
+        return f"{base}: turn {k} gives «{_clip(para)}» twice in a row"
     if rule == "repeated_turns":
         return f"{base}: an answer of >= {cfg.repeated_turn_min_chars} chars given twice"
     if rule in ("control_chars", "replacement_char"):
@@ -260,7 +350,7 @@ def describe(
         bad = sorted(
             {
                 f"U+{ord(c):04X}"
-                for k in _turns_of(batch, i)
+                for k in batch.turn_range(i)
                 for c in re.findall(pattern, batch.texts[k])
             }
         )
@@ -305,6 +395,22 @@ def describe(
     ):
         return f"{base}: {_clip(_worst_answer(rule, answers), 80)}"
     return base
+
+
+_WORDS = re.compile(r"[^\W_]+")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def _repeated_paragraph(answers: list[tuple[int, str]]) -> tuple[int, str]:
+    """The longest paragraph an answer gives twice in a row (its content, for the detail)."""
+    best = (answers[0][0] if answers else 0, "")
+    for k, a in answers:
+        paras = [" ".join(_WORDS.findall(p.lower())) for p in _PARAGRAPH_BREAK.split(a)]
+        paras = [p for p in paras if p]
+        for x, y in zip(paras, paras[1:], strict=False):
+            if x == y and len(x) > len(best[1]):
+                best = (k, x)
+    return best
 
 
 def _worst_answer(rule: str, answers: list[tuple[int, str]]) -> str:

@@ -1,8 +1,9 @@
 """Text statistics of answers, for a whole batch of turns at once (numpy over code points).
 
-Each function takes the turns' texts and ``owner`` (the sample each turn belongs to) and returns
-one value per sample: the worst turn's value, so a rule reads "some answer of this sample has a
-sentence of 412 words", not an average that hides it.
+``answer_shape`` and ``shape`` give one value per answer (``shape`` over a ``layout.Scan`` that
+the repetition measures share); the rules take a sample's worst answer, so a rule reads "some
+answer of this sample has a sentence of 412 words", not an average that hides it.
+``char_counts`` and ``placeholder_mismatch`` give one value per sample.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from functools import cache
 
 import numpy as np
 
-from curate.stages.filters import ngrams
+from curate.stages.filters import layout, ngrams
 
 SENTENCE_ENDS = ".!?\n。！？…"
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 ZERO = ord("0")
+NEWLINE = 10
 # C0 controls other than tab, newline and carriage return; DEL; C1 controls.
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
@@ -31,17 +33,6 @@ def _lut(kind: str) -> np.ndarray:
     elif kind == "sentence_end":
         table[[ord(c) for c in SENTENCE_ENDS]] = True
     return table
-
-
-def _segment_starts(offsets: np.ndarray, size: int) -> np.ndarray:
-    starts = np.zeros(size, dtype=bool)
-    firsts = offsets[:-1][np.diff(offsets) > 0]
-    starts[firsts] = True
-    return starts
-
-
-def _per_sample_max(values: np.ndarray, turn_owner: np.ndarray, n: int) -> np.ndarray:
-    return ngrams.segment_max(values, turn_owner, n, empty=0.0)
 
 
 def char_counts(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.ndarray]:
@@ -61,74 +52,79 @@ def char_counts(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.nda
     }
 
 
-def answer_shape(texts: list[str], owner: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """Per sample, over its answers: empty answers, the longest answer, the longest sentence
-    (words) and line (characters), the longest run of zeros and of any other visible character,
-    and placeholders that have no place in an answer."""
-    out: dict[str, np.ndarray] = {}
-    lengths = np.fromiter((len(t) for t in texts), dtype=np.float64, count=len(texts))
-    empty = np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts))
-    placeholders = np.fromiter(
-        (t.count(IMAGE_TOKEN) + t.count(VIDEO_TOKEN) for t in texts),
-        dtype=np.float64,
-        count=len(texts),
-    )
-    out["empty_answers"] = np.bincount(owner[empty], minlength=n).astype(np.float64)
-    out["max_answer_chars"] = _per_sample_max(lengths, owner, n)
-    out["answer_placeholders"] = np.bincount(owner, weights=placeholders, minlength=n)
+def answer_shape(texts: list[str]) -> dict[str, np.ndarray]:
+    """Per answer: empty, its length, and placeholders that have no place in an answer (the
+    rest of its shape is ``shape``'s, over a scan of its code points)."""
+    return {
+        "empty_answers": np.fromiter((not t.strip() for t in texts), float, len(texts)),
+        "max_answer_chars": np.fromiter((len(t) for t in texts), float, len(texts)),
+        "answer_placeholders": np.fromiter(
+            (t.count(IMAGE_TOKEN) + t.count(VIDEO_TOKEN) for t in texts), float, len(texts)
+        ),
+    }
 
-    cps, offsets = ngrams.codepoints(texts)
-    size = len(cps)
-    turn_of = ngrams.owners(offsets)
+
+SHAPE_METRICS = ("max_sentence_words", "max_line_chars", "max_zero_run", "max_char_run")
+
+
+def shape(sc: layout.Scan) -> dict[str, np.ndarray]:
+    """Per text of a scanned batch: the longest sentence (words) and line (characters), the
+    longest run of zeros and of any other character that is not layout."""
+    n, size = len(sc.offsets) - 1, len(sc.cps)
     if size == 0:
-        for k in ("max_sentence_words", "max_line_chars", "max_zero_run", "max_char_run"):
-            out[k] = np.zeros(n)
-        return out
-    space = _lut("space")[cps]
+        return {k: np.zeros(n) for k in SHAPE_METRICS}
+    cps, space, text_start = sc.cps, sc.space, sc.text_start
     end = _lut("sentence_end")[cps]
-    text_start = _segment_starts(offsets, size)
+    out: dict[str, np.ndarray] = {}
 
-    # Sentences: a new one starts at a turn's start or after a sentence end. Words: runs of
+    # Sentences: a new one starts at a text's start or after a sentence end. Words: runs of
     # characters that are neither spaces nor sentence ends.
-    prev_end = np.concatenate(([False], end[:-1]))
-    prev_space = np.concatenate(([True], space[:-1]))
-    sentence_id = np.cumsum(text_start | prev_end) - 1
-    in_word = ~space & ~end
-    word_start = in_word & (text_start | prev_space | prev_end)
-    words = np.bincount(sentence_id, weights=word_start)
-    sentence_turn = turn_of[np.flatnonzero(text_start | prev_end)]
-    out["max_sentence_words"] = _per_sample_max(
-        _per_turn_max(words, sentence_turn, len(texts)), owner, n
-    )
+    prev_end = _shift(end, False)
+    sentence_first = text_start | prev_end
+    word_start = ~space & ~end & (sentence_first | _shift(space, True))
+    starts = np.flatnonzero(sentence_first)
+    words = np.add.reduceat(word_start.astype(np.int32), starts)
+    out["max_sentence_words"] = ngrams.segment_max(words, sc.owner[starts], n)
 
-    newline = cps == 10
-    prev_newline = np.concatenate(([False], newline[:-1]))
-    line_id = np.cumsum(text_start | prev_newline) - 1
-    line_chars = np.bincount(line_id, weights=~newline)
-    line_turn = turn_of[np.flatnonzero(text_start | prev_newline)]
-    out["max_line_chars"] = _per_sample_max(
-        _per_turn_max(line_chars, line_turn, len(texts)), owner, n
-    )
+    starts = np.flatnonzero(sc.line_first)
+    chars = np.diff(np.append(starts, size)) - (cps[np.append(starts[1:], size) - 1] == NEWLINE)
+    out["max_line_chars"] = ngrams.segment_max(chars, sc.owner[starts], n)
 
-    # Runs of one character (never across turns).
-    run_start = text_start | np.concatenate(([True], cps[1:] != cps[:-1]))
-    starts = np.flatnonzero(run_start)
-    run_len = np.diff(np.append(starts, size)).astype(np.float64)
+    # Runs of one character (never across texts).
+    run_first = text_start | np.concatenate(([True], cps[1:] != cps[:-1]))
+    starts = np.flatnonzero(run_first)
+    run_len = np.diff(np.append(starts, size))
     run_char = cps[starts]
-    run_turn = turn_of[starts]
+    run_owner = sc.owner[starts]
     zeros = run_char == ZERO
-    visible = ~space[starts] & ~zeros
-    out["max_zero_run"] = _per_sample_max(
-        _per_turn_max(run_len[zeros], run_turn[zeros], len(texts)), owner, n
-    )
-    out["max_char_run"] = _per_sample_max(
-        _per_turn_max(run_len[visible], run_turn[visible], len(texts)), owner, n
-    )
+    visible = ~space[starts] & ~zeros & ~_layout_runs(sc, starts, run_char)
+    out["max_zero_run"] = ngrams.segment_max(run_len[zeros], run_owner[zeros], n)
+    out["max_char_run"] = ngrams.segment_max(run_len[visible], run_owner[visible], n)
     return out
 
 
-def _per_turn_max(values: np.ndarray, turn: np.ndarray, turns: int) -> np.ndarray:
-    return ngrams.segment_max(values, turn, turns, empty=0.0)
+def _shift(a: np.ndarray, fill) -> np.ndarray:
+    return np.concatenate(([fill], a[:-1]))
+
+
+# Characters that fill space in any line: rules and underlines, leaders (``Intro ..... 3``),
+# form blanks (``Name: ______``), table borders, box drawing.
+FILL_CHARS = ".-_=*~#+·…‐‑‒–—―─━═│┃|:/\\"
+
+
+@cache
+def _fill_lut() -> np.ndarray:
+    table = np.zeros(0x110000, dtype=bool)
+    table[[ord(c) for c in FILL_CHARS]] = True
+    table[0x2500:0x2580] = True  # box drawing
+    return table
+
+
+def _layout_runs(sc: layout.Scan, starts: np.ndarray, run_char: np.ndarray) -> np.ndarray:
+    """Runs that are layout, not a stuck character: a run of a fill character anywhere, or of
+    any punctuation in a line without a word (a reST underline may use ``^`` or ``"``)."""
+    line_has_word = np.logical_or.reduceat(sc.word, np.flatnonzero(sc.line_first))
+    return _fill_lut()[run_char] | (~sc.word[starts] & ~line_has_word[sc.line_id[starts]])
 
 
 def placeholder_mismatch(

@@ -18,6 +18,7 @@ from tests.stages.filters.helpers import image, make_run, prose, run_filter, sam
 
 rng = random.Random(0)
 LONG_WORDS = " ".join(f"w{i}" for i in range(250))
+DUP_LINE = "The total is four apples."
 
 
 def _bad_samples(tmp) -> dict[str, dict]:
@@ -29,8 +30,8 @@ def _bad_samples(tmp) -> dict[str, dict]:
         "answer_too_long": sample("\n".join(prose(rng, 20) for _ in range(30))),
         "long_sentence": sample(LONG_WORDS),
         "long_line": sample(" ".join(prose(rng, 1, (8, 8)) for _ in range(120))),
-        "zero_run": sample("The value is 1" + "0" * 50 + "."),
-        "char_run": sample("Result:\n" + "=" * 80 + "\nDone."),
+        "zero_run": sample("The value is 1" + "0" * 80 + "."),
+        "char_run": sample("Result: no" + "!" * 80 + "\nDone."),  # a separator line is layout
         "control_chars": sample("It is 4.\x07"),
         "replacement_char": sample("It is \ufffd4."),
         "image_in_answer": sample("Here: <image> a cat."),
@@ -38,16 +39,18 @@ def _bad_samples(tmp) -> dict[str, dict]:
             "A cat.", question="<image>\n<image>\nWhat?", images=[ok_img]
         ),
         "duplicate_lines": sample(
-            "\n".join(["Total: 4.", "Item one.", "Total: 4.", "Total: 4.", "Item two."])
+            "\n".join([DUP_LINE, "The first item.", DUP_LINE, DUP_LINE, DUP_LINE])
         ),
         "duplicate_paragraphs": sample("First part.\n\nSecond part.\n\nFirst part.\n\nFirst part."),
-        "char_repetition": sample("ha" * 60),
+        "char_repetition": sample("Oh n" + "o" * 100),
         "word_repetition": sample(
             prose(rng, 2) + " the quick brown fox jumps over the lazy dog"
-            " again and again." * 3 + " Then it rests by the river bank."
+            " again and again." * 12 + " Then it rests by the river bank."
         ),
         "internvl_repetition": sample(f"{twice} {twice}"),
-        "tail_loop": sample(prose(rng, 3) + " The answer is B." * 8),
+        "tail_loop": sample(prose(rng, 3) + " The answer is B." * 30),
+        "counting_loop": sample("The counts are:\n" + "\n".join(f"{k}." for k in range(1, 60))),
+        "repeated_paragraph": sample(f"{prose(random.Random(2), 1)}\n\n{twice}\n\n{twice}"),
         "repeated_turns": sample([twice, "Another thing entirely.", twice]),
         "duplicate_sample": sample("Same content in two datasets.", dataset="ds_b", line=7),
         "image_unreadable": sample(
@@ -123,11 +126,14 @@ def test_rule_reaches_the_ledger(filtered, rule):
 def test_exact_values_in_ledger(filtered):
     run, _, _ = filtered
     by = {(e["sample_id"], e["rule"]): e for e in _ledger(run)}
-    assert by[("bad:zero_run", "zero_run")]["value"] == 50
+    assert by[("bad:zero_run", "zero_run")]["value"] == 80
     assert by[("bad:char_run", "char_run")]["value"] == 80
     assert by[("bad:long_sentence", "long_sentence")]["value"] == 250
-    assert by[("bad:duplicate_lines", "duplicate_lines")]["value"] == 2 / 5
-    assert by[("bad:duplicate_paragraphs", "duplicate_paragraphs")]["value"] == 2 / 4
+    # Content characters: "the total is four apples" (24) three times of 4 * 24 + 14.
+    assert by[("bad:duplicate_lines", "duplicate_lines")]["value"] == 72 / 110
+    # "first part" (10) twice of 3 * 10 + 11 ("second part").
+    assert by[("bad:duplicate_paragraphs", "duplicate_paragraphs")]["value"] == 20 / 41
+    assert by[("bad:counting_loop", "counting_loop")]["value"] == 59
     assert by[("bad:placeholder_mismatch", "placeholder_mismatch")]["value"] == 1
     assert by[("bad:image_aspect_ratio", "image_aspect_ratio")]["value"] == 11
     assert by[("bad:image_too_small", "image_too_small")]["value"] == 20
@@ -248,3 +254,16 @@ def test_eight_bit_image_is_not_clipped(tmp_path):
     metrics, reasons = check_sample(row)
     assert metrics["max_clipped_share"] == 0
     assert not [r for r in reasons if r.rule == "image_clipped"]
+
+
+def test_builtin_domain_thresholds_sit_below_the_pipeline_file():
+    from curate.stages.filters.registry import DOMAIN_THRESHOLDS
+
+    code = FilterConfig().resolve("any", "programming")
+    assert code["duplicate_lines"].threshold == DOMAIN_THRESHOLDS["programming"]["duplicate_lines"]
+    assert FilterConfig().resolve("any", "general")["duplicate_lines"].threshold == 0.5
+    # Any setting in the pipeline file wins over the built-in domain threshold.
+    mine = FilterConfig(rules={"duplicate_lines": {"threshold": 0.2}})
+    assert mine.resolve("any", "programming")["duplicate_lines"].threshold == 0.2
+    mine = FilterConfig(overrides={"programming": {"word_repetition": {"threshold": 0.3}}})
+    assert mine.resolve("any", "programming")["word_repetition"].threshold == 0.3
