@@ -110,6 +110,28 @@ RULES: tuple[Rule, ...] = (
         "<image> or <video> placeholders inside an assistant turn",
     ),
     Rule(
+        "language_mismatch",
+        "language_mismatch",
+        ">",
+        0,
+        "flag",
+        "text",
+        "the answers' language differs from the questions' (lingua; off by default: turn it "
+        "on for multilingual data, needs pip install 'curate[lang]')",
+        enabled=False,
+    ),
+    Rule(
+        "mixed_script",
+        "mixed_script_words",
+        ">",
+        0.05,
+        "flag",
+        "text",
+        "share of an answer's words whose letters mix scripts (a Cyrillic letter in a Latin "
+        "word, garbled text); off by default",
+        enabled=False,
+    ),
+    Rule(
         "placeholder_mismatch",
         "placeholder_mismatch",
         ">",

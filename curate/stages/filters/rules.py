@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from curate.core.records import SAMPLE_SCHEMA
 from curate.stages.filters import images as img
+from curate.stages.filters import language as lang
 from curate.stages.filters import layout, loops, ngrams
 from curate.stages.filters import repetition as rep
 from curate.stages.filters import text as txt
@@ -52,6 +53,8 @@ METRICS = (
     "unreadable_images",
     "min_image_std",
     "max_clipped_share",
+    "language_mismatch",
+    "mixed_script_words",
 )
 
 
@@ -80,6 +83,7 @@ class Batch:
     pixels: img.PixelCache = field(default_factory=img.PixelCache)
     # What ``measure`` found per assistant turn (by turn index), for the details.
     loops: dict[int, tuple[loops.TailLoop, loops.CountingLoop]] = field(default_factory=dict)
+    languages: list[str] = field(default_factory=list)  # per sample, when measured
     _turn_ranges: np.ndarray | None = None
 
     @classmethod
@@ -155,6 +159,7 @@ def measure(batch: Batch, cfg: FilterConfig) -> dict[str, np.ndarray]:
         dtype=np.float64,
     )
 
+    m.update(_language_metrics(batch, cfg, answers, owner, user, user_owner, n))
     ids = batch.table.column("sample_id").to_pylist()
     m["duplicate_of_earlier"] = np.array([float(i in batch.duplicates) for i in ids])
     m.update(img.image_metrics(batch.images, cfg.decode_images, batch.pixels))
@@ -220,6 +225,23 @@ def _loop_of(answer: str, cfg: FilterConfig) -> tuple[loops.TailLoop, loops.Coun
             lp = loops.TailLoop(count.repeats, len(count.span), count.chars, count.span, True)
         return lp, loops.CountingLoop()
     return lp, count
+
+
+def _language_metrics(batch, cfg, answers, owner, user, user_owner, n) -> dict[str, np.ndarray]:
+    """The two language measures, each only where its rule is on somewhere in the batch (the
+    detector costs; NaN: not measured)."""
+    out = {k: np.full(n, np.nan) for k in ("language_mismatch", "mixed_script_words")}
+    if _enabled(batch, cfg, "mixed_script"):
+        out["mixed_script_words"] = _worst([lang.mixed_script_share(a) for a in answers], owner, n)
+    if _enabled(batch, cfg, "language_mismatch"):
+        questions, replies = [""] * n, [""] * n
+        for text, o in zip(user, user_owner, strict=True):
+            questions[o] += text + "\n"
+        for text, o in zip(answers, owner, strict=True):
+            replies[o] += text + "\n"
+        values, batch.languages = lang.mismatches(questions, replies)
+        out["language_mismatch"] = np.asarray(values, dtype=np.float64)
+    return out
 
 
 def _enabled(batch: Batch, cfg: FilterConfig, rule: str) -> bool:
@@ -328,6 +350,11 @@ def describe(
     base = f"{RULES_BY_NAME[rule].metric} = {value:g} ({r.op} {r.threshold:g})"
     answers = _answers_of(batch, i)
     images = batch.images[i]
+    if rule == "language_mismatch":
+        return f"{base}: {batch.languages[i]}"
+    if rule == "mixed_script":
+        words = [w for _, a in answers for w in lang.mixed_words(a)]
+        return f"{base}: {', '.join(_clip(w, 30) for w in words[:5])}"
     if rule == "empty_answer":
         turns = [k for k, a in answers if not a.strip()]
         return f"{base}: empty assistant turn(s) {turns}"
