@@ -41,6 +41,14 @@ def rule_rows(run: RunFolder, summary: StageSummary) -> list[dict]:
     return rows
 
 
+def image_line(stats: dict) -> str:
+    """The filter's image decoding, from ``images.read_cache_stats``."""
+    return (
+        f"filter images: {stats['images']:,} looked up per shard, {stats['hit_rate']:.1%} from "
+        f"the run's cache, {stats['decoded']:,} decoded ({stats['images_per_s']:,.0f} images/s)"
+    )
+
+
 def rule_table(rows: list[dict]) -> Table:
     from rich.table import Table
 

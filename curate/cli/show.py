@@ -23,9 +23,13 @@ def _budget(run: RunFolder, summary: StageSummary) -> None:
 
 
 def _filter(run: RunFolder, summary: StageSummary) -> None:
-    from curate.cli.filters import rule_rows, rule_table
+    from curate.cli.filters import image_line, rule_rows, rule_table
+    from curate.stages.filters.images import read_cache_stats
 
     console.print(rule_table(rule_rows(run, summary)))
+    stats = read_cache_stats(run.path)
+    if stats["images"]:
+        console.print(image_line(stats))
 
 
 def _score(run: RunFolder, summary: StageSummary, stage=None) -> None:

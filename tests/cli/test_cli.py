@@ -196,6 +196,9 @@ def test_stage_commands_build_a_run(built):
     assert (run / "repeat" / "copies.parquet").exists()
     assert (run / "repeat" / "budget_table.json").exists()
     assert "filter: samples per dataset and rule" in out["filter"]
+    assert re.search(
+        r"filter images: [\d,]+ looked up per shard, [\d.]+% from the run's cache", out["filter"]
+    )
     assert RunFolder(run).shards("filter") == RunFolder(run).shards("samples")
     assert "pack (curate)" in out["pack"] and "token fill" in out["pack"]
     assert RunFolder(run).shards("packs")
