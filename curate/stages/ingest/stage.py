@@ -10,8 +10,8 @@ parses its lines independently (in parallel when asked).
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -213,17 +213,57 @@ def _cached_tasks(
     key = [PLAN_CACHE_VERSION, spec.to_dict(), shard_lines, chunk_bytes]
     key += [os.path.realpath(spec.annotation), st.st_size, st.st_mtime_ns, st.st_ino]
     prefix = _slug(spec.name)
-    path = cache_dir / f"{prefix}.{xxhash.xxh3_64_hexdigest(orjson.dumps(key))}.pkl"
+    path = cache_dir / f"{prefix}.{xxhash.xxh3_64_hexdigest(orjson.dumps(key))}.npz"
     if path.exists():
         try:
-            return pickle.loads(path.read_bytes())
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            pass  # an unreadable entry (another version of curate wrote it): plan again
+            return _tasks_from_bytes(path.read_bytes(), spec)
+        except (ValueError, KeyError, OSError):
+            pass  # an unreadable entry: plan again
     tasks = _dataset_tasks(spec, shard_lines, chunk_bytes)
-    for old in cache_dir.glob(f"{prefix}.*.pkl"):
+    for old in cache_dir.glob(f"{prefix}.*.npz"):
         old.unlink(missing_ok=True)
-    write_bytes_atomic(pickle.dumps(tasks, protocol=pickle.HIGHEST_PROTOCOL), path)
+    write_bytes_atomic(_tasks_to_bytes(tasks), path)
     return tasks
+
+
+def _tasks_to_bytes(tasks: list[ShardTask]) -> bytes:
+    """A dataset's tasks as an ``.npz`` (no pickle): their fields as JSON, spans as arrays."""
+    fields = [
+        {
+            "first_line": t.first_line,
+            "lines": t.lines,
+            "byte_start": t.byte_start,
+            "duplicates": list(t.duplicates.items()),
+            "content": t.content,
+            "copies": list(t.copies.items()),
+            "spans": t.spans is not None,
+            "truncated": t.truncated,
+        }
+        for t in tasks
+    ]
+    arrays = {f"spans{k}": t.spans for k, t in enumerate(tasks) if t.spans is not None}
+    buf = io.BytesIO()
+    np.savez(buf, tasks=np.frombuffer(orjson.dumps(fields), dtype=np.uint8), **arrays)
+    return buf.getvalue()
+
+
+def _tasks_from_bytes(data: bytes, spec: DatasetSpec) -> list[ShardTask]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        fields = orjson.loads(z["tasks"].tobytes())
+        return [
+            ShardTask(
+                spec,
+                f["first_line"],
+                f["lines"],
+                f["byte_start"],
+                dict(map(tuple, f["duplicates"])),
+                f["content"],
+                dict(map(tuple, f["copies"])),
+                z[f"spans{k}"] if f["spans"] else None,
+                f["truncated"],
+            )
+            for k, f in enumerate(fields)
+        ]
 
 
 def _by_shard(

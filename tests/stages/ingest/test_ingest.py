@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import orjson
 import pyarrow as pa
@@ -483,3 +484,26 @@ def test_an_unchanged_annotation_file_is_not_read_again(tmp_path, monkeypatch):
     assert len(list((run.path / "_cache" / "ingest").iterdir())) == 1  # the old entry is gone
     ids = {r["extra"] for r in run.read("samples").to_pylist()}
     assert any('"id":7' in x for x in ids) and not any('"id":4' in x for x in ids)
+
+
+def test_plan_cache_entries_round_trip_every_task_field(tmp_path):
+    """What the cache stores gives back the same tasks (a .json array's byte spans too)."""
+    import numpy as np
+
+    from curate.stages.ingest.stage import _tasks_from_bytes, _tasks_to_bytes, plan
+
+    lines = [_line(image="ok.png", id=k % 3) for k in range(7)]
+    meta = _dataset(tmp_path, lines)
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]")
+    spec = orjson.loads(Path(meta).read_bytes())
+    spec["arr"] = {**spec["ds"], "annotation": arr.name}
+    Path(meta).write_bytes(orjson.dumps(spec))
+    tasks, _ = plan(load_meta(meta), shard_lines=3)
+    for task in tasks.values():
+        (back,) = _tasks_from_bytes(_tasks_to_bytes([task]), task.spec)
+        for name in task.__dataclass_fields__:
+            a, b = getattr(task, name), getattr(back, name)
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, name
+    assert any(t.spans is not None for t in tasks.values())
+    assert any(t.duplicates for t in tasks.values())
