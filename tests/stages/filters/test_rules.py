@@ -48,6 +48,11 @@ def _bad_samples(tmp) -> dict[str, dict]:
             " again and again." * 12 + " Then it rests by the river bank."
         ),
         "internvl_repetition": sample(f"{twice} {twice}"),
+        "language_mismatch": sample(
+            "The capital of France is Paris, known for its art, history and museums.",
+            question="Wie heißt die Hauptstadt von Frankreich, und warum ist sie so bekannt?",
+        ),
+        "mixed_script": sample("Log in at pаypal.com to check your аccount details today."),
         "tail_loop": sample(prose(rng, 3) + " The answer is B." * 30),
         "counting_loop": sample("The counts are:\n" + "\n".join(f"{k}." for k in range(1, 60))),
         "repeated_paragraph": sample(f"{prose(random.Random(2), 1)}\n\n{twice}\n\n{twice}"),
@@ -81,7 +86,14 @@ def _good_samples(tmp) -> list[dict]:
     return rows
 
 
-CONFIG = FilterConfig(rules={"internvl_repetition": {"enabled": True}}, workers=2)
+# Every rule on, those off by default included, so that each must reach the ledger.
+CONFIG = FilterConfig(
+    rules={
+        rule: {"enabled": True}
+        for rule in ("internvl_repetition", "language_mismatch", "mixed_script")
+    },
+    workers=2,
+)
 
 
 @pytest.fixture(scope="module")
