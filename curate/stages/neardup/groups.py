@@ -1,51 +1,71 @@
-"""The grouping step: near-duplicate clusters over every shard, with memory bounded by the
-candidates rather than by the run.
+"""The grouping step: near-duplicate clusters over every shard, with memory bounded by one
+shard, one partition of band keys and the candidate pairs, never by the run.
 
 Out of core, in this order:
 
-1. **Candidates**: each ``signatures/`` shard's MinHash is cut into band keys (one shard in
-   memory at a time, written to a staging file), then one LSH band at a time polars scans the
-   band's key column of every file (streaming), keeps the keys two or more samples share and
-   only their rows come into memory. In each bucket, sorted by the kept order, a bucket of at most
+1. **Spill**: each ``signatures/`` shard is read on its own (rows numbered across shards:
+   ``idx``, uint32); its MinHash is cut into band keys and its images' uses listed, and both
+   are written to Parquet by a hash of the key (``spill.Spill``).
+2. **Candidates**: the band keys come back one hash range at a time (about
+   ``partition_rows`` of them, however many samples the run has); rows sharing a band and a
+   key are a bucket. In each bucket, sorted by the kept order, a bucket of at most
    ``pair_limit`` samples gives every pair; a larger one (a template answered a thousand times)
    gives each member paired with its first, so a bucket costs its size, never its square.
-2. **Verification**: only the samples in a candidate pair are read back (their MinHash and
-   pHashes). A pair is a near-duplicate when its estimated Jaccard reaches the later sample's
-   threshold and, for samples with images, they have as many images and each pair of images
-   is within ``image_distance`` bits (or the same file): one image asked about in several ways
-   is normal SFT data, not a duplicate.
-3. **Clusters**: connected components of the verified pairs (scipy, over candidate samples
+3. **Verification**: only the samples in a candidate pair are read back, shard by shard (their
+   MinHash and pHashes). A pair is a near-duplicate when its estimated Jaccard reaches the later
+   sample's threshold and, for samples with images, they have as many images and each pair of
+   images is within ``image_distance`` bits (or the same file): one image asked about in
+   several ways is normal SFT data, not a duplicate.
+4. **Clusters**: connected components of the verified pairs (scipy, over candidate samples
    only). The **kept** sample of a cluster is its first in the kept order: datasets in
    meta-file order, then line. Every other member is a near-duplicate of it; its similarity
    to the kept sample is estimated directly (a member that joined through a chain says
    through which sample).
-4. **Image reuse**: every distinct pHash is grouped the same way (pigeonhole bands: two hashes
-   within d bits agree on one of d + 1 bands) into image clusters; per cluster, how many
-   files, samples and datasets use it.
+5. **Image reuse** (``reuse.image_clusters``): distinct pHashes grouped the same way, by
+   pigeonhole bands, into image clusters; per cluster, how many files, samples and datasets
+   use it.
 
 Outputs: ``neardup_groups/<shard>.parquet`` (one per samples shard: its samples that are in a
 cluster, with their kept sample), ``neardup_groups/clusters/text.parquet`` and
-``clusters/images.parquet`` (for the report).
+``clusters/images.parquet`` (for the report). The partition size changes memory and speed,
+never the result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.core.errors import CurateError
 from curate.core.folder import RunFolder
 from curate.core.io import write_parquet_atomic
 from curate.core.stage import GlobalInput, GlobalOutput, GlobalStage
 from curate.stages.neardup.config import NearDupConfig
-from curate.stages.neardup.images import hamming, hash_bands
+from curate.stages.neardup.images import hamming
+from curate.stages.neardup.pairs import Edges, bucket_edges, components, first_per_component
+from curate.stages.neardup.reuse import USES_SCHEMA, image_clusters, image_uses
+from curate.stages.neardup.spill import Spill
 from curate.stages.neardup.text import band_keys
+
+__all__ = ["Edges", "NearDupGroupsStage", "bucket_edges", "components", "first_per_component"]
 
 STAGE = "neardup_groups"
 _LINE_BITS = 40  # order key: dataset rank · 2^40 + line
+_SIM_CHUNK = 1 << 14  # pairs whose MinHash rows are compared at once (16k × 128 × 4 B × 2)
+_BANDS_SCHEMA = pa.schema(
+    [
+        ("part", pa.uint64()),  # the band key (already a hash)
+        ("band", pa.uint16()),
+        ("idx", pa.uint32()),
+        ("order", pa.uint64()),
+    ]
+)
+_NODE_COLUMNS = ["sample_id", "dataset", "line", "minhash", "image_paths", "image_hashes"]
 
 MEMBERS_SCHEMA = pa.schema(
     [
@@ -68,82 +88,6 @@ MEMBERS_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class Edges:
-    """Candidate or verified pairs (a before b in the kept order), as row indices."""
-
-    a: np.ndarray
-    b: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Edges:
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
-
-    def __len__(self) -> int:
-        return len(self.a)
-
-    def unique(self) -> Edges:
-        if not len(self):
-            return self
-        key = np.unique((self.a.astype(np.uint64) << np.uint64(32)) | self.b.astype(np.uint64))
-        return Edges(
-            (key >> np.uint64(32)).astype(np.int64), (key & np.uint64(2**32 - 1)).astype(np.int64)
-        )
-
-    @classmethod
-    def concat(cls, parts: list[Edges]) -> Edges:
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return cls.empty()
-        return cls(np.concatenate([p.a for p in parts]), np.concatenate([p.b for p in parts]))
-
-
-def bucket_edges(
-    keys: np.ndarray, members: np.ndarray, order: np.ndarray, pair_limit: int
-) -> Edges:
-    """Pairs of members that share a key: every pair in a bucket of at most ``pair_limit``,
-    each member with the bucket's first in a larger one; ``a`` comes before ``b`` in ``order``."""
-    if len(keys) < 2:
-        return Edges.empty()
-    o = np.lexsort((order, keys))
-    k, m = keys[o], members[o]
-    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-    sizes = np.diff(np.r_[starts, len(k)])
-    parts = []
-    for size in np.unique(sizes[(sizes > 1) & (sizes <= pair_limit)]):
-        s = starts[sizes == size]
-        i, j = np.triu_indices(int(size), 1)
-        parts.append(Edges(m[(s[:, None] + i).ravel()], m[(s[:, None] + j).ravel()]))
-    big = sizes > pair_limit
-    if big.any():
-        first = np.repeat(starts[big], sizes[big] - 1)
-        offs = np.concatenate([np.arange(1, z) for z in sizes[big]])
-        parts.append(Edges(m[first], m[first + offs]))
-    return Edges.concat(parts)
-
-
-def components(edges: Edges) -> tuple[np.ndarray, np.ndarray]:
-    """(nodes, component label per node) of the graph the edges make."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    nodes = np.unique(np.concatenate([edges.a, edges.b]))
-    ia, ib = np.searchsorted(nodes, edges.a), np.searchsorted(nodes, edges.b)
-    graph = coo_matrix((np.ones(len(ia), np.int8), (ia, ib)), shape=(len(nodes), len(nodes)))
-    _, labels = connected_components(graph, directed=False)
-    return nodes, labels
-
-
-def first_per_component(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """For each node, the position of its component's first node in ``order``."""
-    o = np.lexsort((order, labels))
-    starts = np.r_[True, labels[o][1:] != labels[o][:-1]]
-    first_of_sorted = o[np.flatnonzero(starts)][np.cumsum(starts) - 1]
-    out = np.empty_like(o)
-    out[o] = first_of_sorted
-    return out
-
-
 class NearDupGroupsStage(GlobalStage):
     """Near-duplicate clusters across every shard and dataset (see the module docstring)."""
 
@@ -157,7 +101,7 @@ class NearDupGroupsStage(GlobalStage):
         self.reads = ("signatures", *excluded)
 
     def settings(self) -> dict:
-        cfg = self.config
+        cfg = self.config  # partition_rows is left out: it never changes the result
         return {
             "bands": cfg.band_count(),
             "threshold": cfg.threshold,
@@ -177,20 +121,33 @@ class NearDupGroupsStage(GlobalStage):
         files = [run.shard_path("signatures", s) for s in shards]
         if not files:
             return GlobalOutput(report={"near_duplicates": 0})
-        table = _signatures(run, files, self.excluded, cfg)
-        keys = _write_band_keys(table, files, cfg, inp.out / "_bands")
-        text, report = _text_clusters(table, keys, cfg)
-        sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-        bounds = np.cumsum([0, *sizes])
+        source = Signatures(run, files, self.excluded, cfg)
+        spill = inp.out / "_spill"
+        keys, uses = Spill(spill / "bands", _BANDS_SCHEMA), Spill(spill / "uses", USES_SCHEMA)
+        for k in range(len(files)):
+            frame = source.frame(k)
+            keys.write(_band_rows(frame, cfg))
+            uses.write(image_uses(frame))
+        text, report = _text_clusters(source, keys, cfg)
+        shutil.rmtree(spill / "bands", ignore_errors=True)
         for k, shard in enumerate(shards):
-            part = text.filter((pl.col("idx") >= bounds[k]) & (pl.col("idx") < bounds[k + 1]))
+            lo, hi = int(source.bounds[k]), int(source.bounds[k + 1])
+            part = text.filter((pl.col("idx") >= lo) & (pl.col("idx") < hi))
             write_parquet_atomic(
                 part.drop("idx").to_arrow().cast(MEMBERS_SCHEMA),
                 inp.out / STAGE / f"{shard}.parquet",
             )
         clusters = inp.out / STAGE / "clusters"
         write_parquet_atomic(_text_summary(text).to_arrow(), clusters / "text.parquet")
-        images = image_clusters(table, cfg.image_distance, cfg.image_band_count(), cfg.pair_limit)
+        images = image_clusters(
+            uses,
+            cfg.image_distance,
+            cfg.image_band_count(),
+            cfg.pair_limit,
+            cfg.partition_rows,
+            spill / "image_bands",
+        )
+        shutil.rmtree(spill, ignore_errors=True)
         write_parquet_atomic(images.to_arrow(), clusters / "images.parquet")
         report["image_clusters_shared"] = len(images)
         return GlobalOutput(report=report)
@@ -200,93 +157,139 @@ def _dataset_order(run: RunFolder) -> list[str]:
     return run.info().get("dataset_order") or sorted(run.datasets())
 
 
-def _signatures(
-    run: RunFolder, files: list, excluded: tuple[str, ...], cfg: NearDupConfig
-) -> pl.LazyFrame:
-    """Every signature row (lazily) with its row index, kept-order key and threshold."""
-    order = _dataset_order(run)
-    datasets = run.datasets()
-    rank = {name: i for i, name in enumerate(order)}
-    rank.update({d: len(order) + i for i, d in enumerate(sorted(set(datasets) - set(rank)))})
-    thresholds = {d: cfg.resolve(d, spec.get("domain")).threshold for d, spec in datasets.items()}
-    lf = pl.scan_parquet(files, row_index_name="idx").with_columns(
-        order=(
-            pl.col("dataset").replace_strict(rank, default=len(rank), return_dtype=pl.UInt64)
-            * (1 << _LINE_BITS)
-            + pl.col("line").cast(pl.UInt64)
-        ),
-        thr=pl.col("dataset").replace_strict(
-            thresholds, default=cfg.threshold, return_dtype=pl.Float64
-        ),
-    )
-    gone = pl.from_arrow(run.ledger(stages=list(excluded)).select(["sample_id", "severity"]))
-    gone = gone.filter(pl.col("severity") == "reject").select("sample_id").unique()
-    if len(gone):
-        lf = lf.join(gone.lazy(), on="sample_id", how="anti")
-    return lf
+class Signatures:
+    """The ``signatures/`` shards, read one at a time. Rows are numbered across shards
+    (``idx``: the row's position in the shards one after another) and get their kept-order
+    key and their dataset's threshold."""
+
+    def __init__(
+        self, run: RunFolder, files: list[Path], excluded: tuple[str, ...], cfg: NearDupConfig
+    ) -> None:
+        self.files = files
+        sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        self.bounds = np.cumsum([0, *sizes])
+        if self.bounds[-1] >= 2**32:  # Edges packs a pair of row numbers in one uint64
+            raise CurateError(
+                f"near-duplicates: {self.bounds[-1]:,} samples; the grouping numbers them in "
+                "32 bits (at most 4,294,967,295): split the run"
+            )
+        order = _dataset_order(run)
+        datasets = run.datasets()
+        rank = {name: i for i, name in enumerate(order)}
+        rank.update({d: len(order) + i for i, d in enumerate(sorted(set(datasets) - set(rank)))})
+        self.rank = rank
+        self.thresholds = {
+            d: cfg.resolve(d, spec.get("domain")).threshold for d, spec in datasets.items()
+        }
+        self.default_threshold = cfg.threshold
+        self.gone = pl.Series("sample_id", [], dtype=pl.String)
+        if excluded:  # (reading no ledger at all spares loading pyarrow's dataset reader)
+            gone = run.ledger(stages=list(excluded)).select(["sample_id", "severity"])
+            gone = pl.from_arrow(gone).filter(pl.col("severity") == "reject")
+            self.gone = gone["sample_id"].unique()
+
+    def frame(
+        self, k: int, rows: np.ndarray | None = None, columns: list[str] | None = None
+    ) -> pl.DataFrame:
+        """Shard ``k`` (or its ``rows``, positions in the shard) with idx, order and thr;
+        the whole shard without the samples an excluded stage rejected."""
+        # polars' reader: pyarrow's holds ~8x a shard's MinHash column while decoding it.
+        frame = pl.read_parquet(self.files[k], columns=columns)
+        idx = np.arange(self.bounds[k], self.bounds[k + 1], dtype=np.uint32)
+        if rows is not None:
+            frame, idx = frame[rows], idx[rows]
+        frame = frame.with_columns(
+            idx=pl.Series(idx, dtype=pl.UInt32),
+            order=(
+                pl.col("dataset").replace_strict(
+                    self.rank, default=len(self.rank), return_dtype=pl.UInt64
+                )
+                * (1 << _LINE_BITS)
+                + pl.col("line").cast(pl.UInt64)
+            ),
+            thr=pl.col("dataset").replace_strict(
+                self.thresholds, default=self.default_threshold, return_dtype=pl.Float64
+            ),
+        )
+        if rows is None and len(self.gone):
+            frame = frame.filter(~pl.col("sample_id").is_in(self.gone.implode()))
+        return frame
 
 
-def _write_band_keys(lf: pl.LazyFrame, files: list, cfg: NearDupConfig, folder) -> pl.LazyFrame:
-    """Band keys (idx, order, bands) of every sample with a text signature, one staging file
-    per signatures shard (one shard's MinHash in memory at a time)."""
+def _band_rows(frame: pl.DataFrame, cfg: NearDupConfig) -> pa.Table:
+    """One row per (sample with a text signature, band): key, band, idx and kept order."""
     bands = cfg.band_count()
-    sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    bounds = np.cumsum([0, *sizes])
-    written = []
-    for k in range(len(files)):
-        part = (
-            lf.filter(
-                (pl.col("idx") >= bounds[k])
-                & (pl.col("idx") < bounds[k + 1])
-                & pl.col("minhash").is_not_null()
-            )
-            .select("idx", "order", "group", "minhash")
-            .collect()
-        )
+    part = frame.filter(pl.col("minhash").is_not_null())
+    if part.is_empty():
+        return _BANDS_SCHEMA.empty_table()
+    sigs = _minhash_matrix(part["minhash"], cfg.num_perm)
+    groups = part["group"].to_numpy()
+    labels = np.unique(groups)
+    if len(labels) == 1:  # the usual case: no copy of the shard's MinHash
+        keys = band_keys(sigs, bands, str(labels[0]))
+    else:
         keys = np.zeros((len(part), bands), dtype=np.uint64)
-        if len(part):
-            sigs = part.select(pl.col("minhash").list.to_array(cfg.num_perm)).to_series().to_numpy()
-            groups = part["group"].to_numpy()
-            for label in np.unique(groups):
-                rows = groups == label
-                keys[rows] = band_keys(sigs[rows].astype(np.uint32), bands, str(label))
-        out = pl.DataFrame(
-            {"idx": part["idx"], "order": part["order"]}
-            | {f"b{j}": keys[:, j] for j in range(bands)}
-        )
-        path = folder / f"{k:06d}.parquet"
-        write_parquet_atomic(out.to_arrow(), path)
-        written.append(path)
-    return pl.scan_parquet(written)
+        for label in labels:
+            rows = groups == label
+            keys[rows] = band_keys(sigs[rows], bands, str(label))
+    return pa.table(
+        {
+            "part": keys.ravel(),
+            "band": np.tile(np.arange(bands, dtype=np.uint16), len(part)),
+            "idx": np.repeat(part["idx"].to_numpy(), bands),
+            "order": np.repeat(part["order"].to_numpy(), bands),
+        }
+    )
 
 
-def _candidates(keys: pl.LazyFrame, bands: int, pair_limit: int) -> Edges:
+def _minhash_matrix(minhash: pl.Series, num_perm: int) -> np.ndarray:
+    """A column of MinHash lists (no nulls) as a (rows, num_perm) uint32 array, read from
+    the Arrow buffers without a copy where they are contiguous."""
+    values = minhash.to_arrow().flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.uint32, copy=False).reshape(len(minhash), num_perm)
+
+
+def _candidates(keys: Spill, cfg: NearDupConfig) -> Edges:
+    """Candidate pairs, one partition of band keys at a time."""
     parts = []
-    for j in range(bands):
-        keyed = keys.select("idx", "order", key=pl.col(f"b{j}"))
-        shared = keyed.group_by("key").agg(n=pl.len()).filter(pl.col("n") > 1).select("key")
-        rows = keyed.join(shared, on="key", how="semi").collect(engine="streaming")
-        if len(rows) < 2:
+    for t in keys.parts(cfg.partition_rows):
+        if len(t) < 2:
             continue
-        parts.append(
-            bucket_edges(
-                rows["key"].to_numpy(),
-                rows["idx"].to_numpy().astype(np.int64),
-                rows["order"].to_numpy(),
-                pair_limit,
-            )
+        edges = bucket_edges(
+            t.column("part").to_numpy(),
+            t.column("idx").to_numpy().astype(np.int64),
+            t.column("order").to_numpy(),
+            cfg.pair_limit,
+            bands=t.column("band").to_numpy(),
         )
+        parts.append(edges.unique())
     return Edges.concat(parts).unique()
 
 
-def _nodes(lf: pl.LazyFrame, nodes: np.ndarray) -> pl.DataFrame:
-    """The candidate samples' rows (sorted by idx): all that is read back in full."""
-    wanted = pl.DataFrame({"idx": nodes.astype(np.uint32)}).lazy()
-    cols = ["idx", "sample_id", "dataset", "line", "order", "thr", "minhash"]
-    cols += ["image_paths", "image_hashes"]
-    return (
-        lf.join(wanted, on="idx", how="semi").select(cols).sort("idx").collect(engine="streaming")
-    )
+def _nodes(source: Signatures, nodes: np.ndarray, num_perm: int) -> tuple[pl.DataFrame, np.ndarray]:
+    """The candidate samples' rows (in idx order) and their MinHash matrix, read shard by
+    shard: all that is read back in full."""
+    sigs = np.empty((len(nodes), num_perm), dtype=np.uint32)
+    pieces = []
+    for k in range(len(source.files)):
+        lo, hi = np.searchsorted(nodes, source.bounds[k : k + 2])
+        if lo == hi:
+            continue
+        rows = (nodes[lo:hi] - source.bounds[k]).astype(np.int64)
+        frame = source.frame(k, rows, _NODE_COLUMNS)
+        sigs[lo:hi] = _minhash_matrix(frame["minhash"], num_perm)
+        pieces.append(frame.drop("minhash"))
+    return pl.concat(pieces), sigs
+
+
+def _similarity(sigs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard of each pair (rows a, b of ``sigs``), a chunk of pairs at a time so
+    the compared copies stay small."""
+    out = np.empty(len(a), dtype=np.float64)
+    for s in range(0, len(a), _SIM_CHUNK):
+        e = s + _SIM_CHUNK
+        out[s:e] = (sigs[a[s:e]] == sigs[b[s:e]]).mean(axis=1)
+    return out
 
 
 def _images_match(
@@ -316,10 +319,10 @@ def _images_match(
 
 
 def _text_clusters(
-    lf: pl.LazyFrame, keys: pl.LazyFrame, cfg: NearDupConfig
+    source: Signatures, keys: Spill, cfg: NearDupConfig
 ) -> tuple[pl.DataFrame, dict]:
     bands = cfg.band_count()
-    cand = _candidates(keys, bands, cfg.pair_limit)
+    cand = _candidates(keys, cfg)
     report = {
         "bands": bands,
         "rows_per_band": cfg.num_perm // bands,
@@ -331,12 +334,9 @@ def _text_clusters(
     if not len(cand):
         return empty, {**report, "verified_pairs": 0, "clusters": 0, "near_duplicates": 0}
     nodes = np.unique(np.concatenate([cand.a, cand.b]))
-    rows = _nodes(lf, nodes)
-    pos = {int(i): k for k, i in enumerate(rows["idx"].to_list())}
-    a = np.array([pos[int(x)] for x in cand.a], np.int64)
-    b = np.array([pos[int(x)] for x in cand.b], np.int64)
-    sigs = rows.select(pl.col("minhash").list.to_array(cfg.num_perm)).to_series().to_numpy()
-    sim = (sigs[a] == sigs[b]).mean(axis=1)
+    rows, sigs = _nodes(source, nodes, cfg.num_perm)
+    a, b = np.searchsorted(nodes, cand.a), np.searchsorted(nodes, cand.b)
+    sim = _similarity(sigs, a, b)
     thr = rows["thr"].to_numpy()
     paths, hashes = rows["image_paths"].to_list(), rows["image_hashes"].to_list()
     text_ok = sim >= thr[b] - 1e-12
@@ -351,58 +351,65 @@ def _text_clusters(
     first = members[first_per_component(labels, order)]
     sizes = np.bincount(labels)[labels]
     # A member's own link: its verified partner earliest in the kept order (for the detail).
-    via = _earliest_partner(verified, order_all=rows["order"].to_numpy())
-    out = _member_rows(rows, members, first, sizes, sigs, via, cfg.image_distance)
+    via = _earliest_partner(verified, rows["order"].to_numpy())
+    _, worst = _images_match(paths, hashes, first, members, cfg.image_distance)
+    out = _member_rows(rows, members, first, sizes, sigs, via, worst)
     dups = int((out["role"] == "duplicate").sum())
     report.update(clusters=int(labels.max() + 1), near_duplicates=dups)
     return out, report
 
 
-def _earliest_partner(edges: Edges, order_all: np.ndarray) -> dict[int, int]:
-    """For every node of a verified pair, its partner earliest in the kept order (row
-    positions): the sample it is a near-duplicate of directly."""
-    best: dict[int, int] = {}
-    for x, y in zip(edges.a.tolist(), edges.b.tolist(), strict=True):
-        for node, partner in ((y, x), (x, y)):
-            if node not in best or order_all[partner] < order_all[best[node]]:
-                best[node] = partner
+def _earliest_partner(edges: Edges, order: np.ndarray) -> np.ndarray:
+    """For every node of a verified pair (row positions), its partner earliest in the kept
+    order: the sample it is a near-duplicate of directly (-1: in no pair). Equal orders keep
+    the partner met first, pair by pair."""
+    node = np.empty(2 * len(edges), np.int64)
+    partner = np.empty_like(node)
+    node[0::2], partner[0::2] = edges.b, edges.a
+    node[1::2], partner[1::2] = edges.a, edges.b
+    o = np.lexsort((order[partner], node))  # stable: ties stay in the order met
+    starts = np.flatnonzero(np.r_[True, node[o][1:] != node[o][:-1]])
+    best = np.full(len(order), -1, np.int64)
+    best[node[o][starts]] = partner[o][starts]
     return best
 
 
-def _member_rows(rows, members, first, sizes, sigs, via, distance) -> pl.DataFrame:
-    sid, ds, line = rows["sample_id"].to_list(), rows["dataset"].to_list(), rows["line"].to_list()
-    paths, hashes = rows["image_paths"].to_list(), rows["image_hashes"].to_list()
-    idx = rows["idx"].to_list()
-    sim = (sigs[members] == sigs[first]).mean(axis=1)
-    _, worst = _images_match(paths, hashes, first, members, distance)
-    out = []
-    for m, f, size, s, w in zip(members, first, sizes, sim, worst, strict=True):
-        m, f = int(m), int(f)
-        dup = m != f
-        v = via.get(m) if dup else None
-        link = v is not None and v != f
-        out.append(
-            {
-                "idx": idx[m],
-                "sample_id": sid[m],
-                "dataset": ds[m],
-                "line": line[m],
-                "cluster": sid[f],
-                "role": "duplicate" if dup else "kept",
-                "kept_id": sid[f],
-                "kept_dataset": ds[f],
-                "kept_line": line[f],
-                "similarity": float(s) if dup else 1.0,
-                "image_distance": int(w) if (dup and w >= 0) else None,
-                "cluster_size": int(size),
-                "via_id": sid[v] if link else None,
-                "via_dataset": ds[v] if link else None,
-                "via_line": line[v] if link else None,
-                "via_similarity": float((sigs[m] == sigs[v]).mean()) if link else None,
-            }
-        )
+def _member_rows(rows, members, first, sizes, sigs, via, worst) -> pl.DataFrame:
+    """One row per cluster member (columns, not a dict per member); ``worst``: the largest
+    pHash distance of its images to the kept sample's (-1: no images)."""
+    sim = _similarity(sigs, members, first)
+    dup = members != first
+    v = via[members]
+    link = dup & (v >= 0) & (v != first)
+    via_sim = np.zeros(len(members))
+    via_sim[link] = _similarity(sigs, members[link], v[link])
+    who = rows.select("idx", "sample_id", "dataset", "line")
+    m, f, w = who[members], who[first], who[np.where(link, v, members)]
+    flags = pl.DataFrame({"dup": dup, "link": link, "img": dup & (worst >= 0)})
+
+    def when(flag: str, value: pl.Series) -> pl.Expr:
+        return pl.when(flags[flag]).then(pl.lit(value)).otherwise(None)
+
+    out = pl.select(
+        idx=m["idx"],
+        sample_id=m["sample_id"],
+        dataset=m["dataset"],
+        line=m["line"],
+        cluster=f["sample_id"],
+        role=pl.when(flags["dup"]).then(pl.lit("duplicate")).otherwise(pl.lit("kept")),
+        kept_id=f["sample_id"],
+        kept_dataset=f["dataset"],
+        kept_line=f["line"],
+        similarity=pl.Series(np.where(dup, sim, 1.0)),
+        image_distance=when("img", pl.Series(worst)),
+        cluster_size=pl.Series(sizes),
+        via_id=when("link", w["sample_id"]),
+        via_dataset=when("link", w["dataset"]),
+        via_line=when("link", w["line"]),
+        via_similarity=when("link", pl.Series(via_sim)),
+    )
     schema = {"idx": pl.UInt32, **pl.from_arrow(MEMBERS_SCHEMA.empty_table()).schema}
-    return pl.DataFrame(out, schema=schema).sort("idx")
+    return out.select(pl.col(c).cast(t) for c, t in schema.items()).sort("idx")
 
 
 def _text_summary(members: pl.DataFrame) -> pl.DataFrame:
@@ -431,58 +438,3 @@ def _text_summary(members: pl.DataFrame) -> pl.DataFrame:
         )
         .sort(["size", "kept_dataset", "kept_line"], descending=[True, False, False])
     )
-
-
-def image_clusters(lf: pl.LazyFrame, distance: int, bands: int, pair_limit: int) -> pl.DataFrame:
-    """Image clusters used by more than one sample (or file): files, samples, datasets each.
-
-    Every (sample, image) row is grouped by its pHash out of core; distinct hashes are then
-    clustered by pigeonhole bands and verified within ``distance`` bits.
-    """
-    uses = (
-        lf.select("idx", "dataset", "image_paths", "image_hashes")
-        .explode(["image_paths", "image_hashes"])
-        .filter(pl.col("image_hashes").is_not_null())
-        .rename({"image_paths": "path", "image_hashes": "phash"})
-    )
-    distinct = uses.group_by("phash").agg(n=pl.len()).sort("phash").collect(engine="streaming")
-    hashes = distinct["phash"].to_numpy().astype(np.uint64)
-    label = _hash_labels(hashes, distance, bands, pair_limit)
-    cluster_of = pl.DataFrame({"phash": hashes, "cluster": label})
-    out = (
-        uses.join(cluster_of.lazy(), on="phash", how="left")
-        .group_by("cluster")
-        .agg(
-            samples=pl.col("idx").n_unique(),
-            files=pl.col("path").n_unique(),
-            hashes=pl.col("phash").n_unique(),
-            datasets=pl.col("dataset").unique().sort(),
-            example=pl.col("path").min(),
-        )
-        .filter((pl.col("samples") > 1) | (pl.col("files") > 1))
-        .with_columns(n_datasets=pl.col("datasets").list.len())
-        .sort(["samples", "files", "example"], descending=[True, True, False])
-        .collect(engine="streaming")
-    )
-    return out.with_columns(cluster=pl.col("cluster").cast(pl.UInt64))
-
-
-def _hash_labels(hashes: np.ndarray, distance: int, bands: int, pair_limit: int) -> np.ndarray:
-    """A cluster label per distinct hash: the smallest hash of its component."""
-    label = hashes.copy()
-    if len(hashes) < 2:
-        return label
-    keys = hash_bands(hashes, bands)
-    ids = np.arange(len(hashes), dtype=np.int64)
-    parts = [bucket_edges(keys[:, j], ids, ids, pair_limit) for j in range(bands)]
-    cand = Edges.concat(parts).unique()
-    if not len(cand):
-        return label
-    ok = hamming(hashes[cand.a], hashes[cand.b]) <= distance
-    verified = Edges(cand.a[ok], cand.b[ok])
-    if not len(verified):
-        return label
-    nodes, labels = components(verified)
-    first = nodes[first_per_component(labels, nodes)]  # ids sorted = hashes sorted
-    label[nodes] = hashes[first]
-    return label

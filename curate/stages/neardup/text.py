@@ -82,7 +82,7 @@ def signature_version() -> str:
     return f"rensa-{getattr(rensa.RMinHash, 'ALGORITHM_VERSION', '?')}"
 
 
-def _mix(h: np.ndarray) -> np.ndarray:
+def mix64(h: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, elementwise on uint64 (wraps modulo 2^64 by design)."""
     with np.errstate(over="ignore"):
         h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -105,9 +105,9 @@ def band_keys(signatures: np.ndarray, bands: int, label: str) -> np.ndarray:
     salt = np.uint64(_group_salt(label))
     out = np.empty((n, bands), dtype=np.uint64)
     for j in range(bands):
-        h = np.full(n, _mix(np.array([salt ^ np.uint64(j)], dtype=np.uint64))[0], dtype=np.uint64)
+        h = np.full(n, mix64(np.array([salt ^ np.uint64(j)], dtype=np.uint64))[0], dtype=np.uint64)
         for c in range(j * r, (j + 1) * r):
-            h = _mix(h ^ signatures[:, c].astype(np.uint64))
+            h = mix64(h ^ signatures[:, c].astype(np.uint64))
         out[:, j] = h
     return out
 

@@ -25,6 +25,11 @@ def neardup_stages(cfg: NearDupConfig, decontaminate: DecontaminateConfig | None
     return stages
 
 
+def with_settings(cfg: NearDupConfig, **changes) -> NearDupConfig:
+    """``cfg`` with ``changes``, validated (``model_copy(update=...)`` would accept any name)."""
+    return NearDupConfig.model_validate({**cfg.model_dump(), **changes})
+
+
 def run_neardup(run, cfg: NearDupConfig | None = None, decontaminate=None) -> dict:
     return run_stages(run, *neardup_stages(cfg or NearDupConfig(), decontaminate))
 

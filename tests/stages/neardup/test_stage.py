@@ -5,11 +5,13 @@ is the first in meta order then line, counts hold, and reruns redo only what cha
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from curate.core.folder import RunFolder
 from curate.stages.neardup.config import NearDupConfig, NearDupOverride
-from tests.stages.neardup.helpers import ledger_by_id, planted_ids, run_neardup
+from tests.stages.neardup.helpers import ledger_by_id, planted_ids, run_neardup, with_settings
 
 # copy -> the planted sample it repeats (the one kept: earlier in meta order, then line).
 PLANTED = {
@@ -98,6 +100,46 @@ def test_rerun_redoes_nothing_and_threshold_redoes_the_grouping_only(demo_neardu
     ledger = ledger_by_id(RunFolder(path), "neardup")
     assert "nd:reworded" not in ledger  # Jaccard 0.80 < 0.95
     assert "nd:whitespace" in ledger
+
+
+def test_partition_rows_changes_nothing_so_redoes_nothing(demo_neardup, run_copy):
+    run, _ = demo_neardup
+    path = run_copy(run.path)
+    again = run_neardup(path, with_settings(DEMO, partition_rows=10))
+    assert all(not s.redone for s in again.values())
+
+
+def test_grouping_in_tiny_partitions_gives_the_same_clusters(demo_neardup, run_copy, monkeypatch):
+    """Text band keys and image uses grouped a few at a time (hundreds of partitions, tiny
+    row groups): the same members, kept samples, image clusters, report and ledger rows."""
+    import pyarrow.parquet as pq
+
+    from curate.stages.neardup import spill
+
+    run, _ = demo_neardup
+    path = run_copy(run.path)
+    for folder in (
+        "neardup_groups",
+        "neardup",
+        "ledger/neardup",
+        "_done/neardup_groups",
+        "_done/neardup",
+    ):
+        shutil.rmtree(path / folder)
+    monkeypatch.setattr(spill, "ROW_GROUP", 3)
+    run_neardup(path, with_settings(DEMO, partition_rows=2))
+    files = sorted(p.relative_to(run.path) for p in (run.path / "neardup_groups").rglob("*.pa*"))
+    assert files == sorted(p.relative_to(path) for p in (path / "neardup_groups").rglob("*.pa*"))
+    for f in files:
+        assert pq.read_table(path / f).equals(pq.read_table(run.path / f)), f
+    images = pq.read_table(path / "neardup_groups" / "clusters" / "images.parquet")
+    assert images.num_rows > 0  # the image side was grouped too
+    again = RunFolder(path)
+    assert (
+        again.marker("neardup_groups", "all")["report"]
+        == run.marker("neardup_groups", "all")["report"]
+    )
+    assert again.ledger("neardup").to_pylist() == run.ledger("neardup").to_pylist()
 
 
 def test_severity_redoes_only_the_ledger_step(demo_neardup, run_copy):

@@ -80,6 +80,13 @@ def test_bucket_edges_pairs_small_buckets_and_stars_large_ones():
     assert {(7, 6), (7, 5), (7, 4)} <= pairs and len(pairs) == 3 + 3
 
 
+def test_bucket_edges_with_bands_pairs_a_key_within_its_band_only():
+    keys = np.array([5, 5, 5, 5, 5], dtype=np.uint64)
+    bands = np.array([0, 1, 0, 1, 2], dtype=np.uint16)
+    edges = bucket_edges(keys, np.arange(5), np.arange(5), pair_limit=32, bands=bands)
+    assert set(zip(edges.a.tolist(), edges.b.tolist(), strict=True)) == {(0, 2), (1, 3)}
+
+
 def test_first_per_component_follows_the_order():
     labels = np.array([0, 0, 1, 1, 0])
     order = np.array([5, 3, 9, 1, 4])
