@@ -6,14 +6,15 @@ band keys are cut from it by the grouping step, so a new threshold, which change
 band count, regroups without rehashing), and the pHash of each of its images (a video:
 ``video_frames`` frames evenly spaced), for near-duplicates and for decontamination. Shards
 run in parallel; a changed shard redoes only its own signatures. Images are hashed once per
-file (``images.HashCache``); the hashes of a shard's earlier run are kept in
-``_cache/signatures/<shard>.parquet``, so a shard that is redone decodes only files that are
-new or changed.
+file (``images.HashCache``); each shard keeps its hashes in ``_cache/signatures/<shard>.parquet``,
+so a shard that is redone decodes only files that are new or changed, and an image that
+another shard already hashed (same file, size and mtime) is read from that shard's file.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +102,7 @@ class SignaturesStage(ShardStage):
         cache = HashCache(
             {(r["path"], r["size"], r["mtime_ns"]): r["phash"] for r in memo.load(_HASH_VERSION)}
         )
+        cache.known.update(_other_shards_hashes(memo.path, table, cache, self.video_frames))
         parts = [
             self._batch(table.slice(start, self._batch_rows()), cache)
             for start in range(0, max(len(table), 1), self._batch_rows())
@@ -168,6 +170,40 @@ def _list_rows(matrix: np.ndarray, present: list[bool], value_type: pa.DataType)
     full = pa.ListArray.from_arrays(offsets, values)
     mask = pa.array([not p for p in present])
     return pa.ListArray.from_arrays(offsets, values, mask=mask) if not all(present) else full
+
+
+def _other_shards_hashes(
+    own: Path, table: pa.Table, cache: HashCache, video_frames: int
+) -> dict[tuple[str, int, int], int]:
+    """The pHashes other shards already computed for this shard's images (an image used
+    across shards is decoded once per run, not once per shard): their cache files are read
+    filtered to this shard's paths, and an entry counts only with the same size and mtime."""
+    others = [p for p in sorted(own.parent.glob("*.parquet")) if p != own]
+    if not others:
+        return {}
+    kinds, images = table.column("kind").to_pylist(), table.column("images").to_pylist()
+    keys = {
+        k
+        for kind, ims in zip(kinds, images, strict=True)
+        for p in hashed_paths(kind, ims, video_frames)
+        if (k := cache.key(p)) is not None and k not in cache.known
+    }
+    if not keys:
+        return {}
+    import pyarrow.dataset as ds
+
+    wanted = pa.array(sorted({k[0] for k in keys}))
+    found = (
+        ds.dataset(others, format="parquet", schema=_CACHE_SCHEMA)
+        .to_table(filter=(ds.field("fingerprint") == _HASH_VERSION) & ds.field("path").isin(wanted))
+        .to_pylist()
+    )
+    out = {}
+    for r in found:
+        key = (r["path"], r["size"], r["mtime_ns"])
+        if key in keys and r["phash"] is not None:
+            out[key] = r["phash"]
+    return out
 
 
 def _save_cache(memo: Memo, cache: HashCache) -> None:

@@ -212,3 +212,39 @@ def test_pipeline_sections_become_steps_that_pack_and_score_respect(tmp_path, de
     assert {"decontaminate", "neardup"} <= set(stages["pack"].respects)
     assert stages["neardup_groups"].reads == ("signatures", "decontaminate")
     assert SECTIONS["neardup"] == ("signatures", "neardup_groups", "neardup")
+
+
+def test_an_image_another_shard_hashed_is_not_decoded_again(tmp_path, monkeypatch):
+    """Shard B reads the pHash of an image shard A already hashed (same file, size, mtime)
+    from A's cache file instead of decoding it; a changed file is decoded again."""
+    import os
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from curate.core.io import write_parquet_atomic
+    from curate.stages.neardup import images as nd_images
+    from curate.stages.neardup import signatures as sig
+
+    image = tmp_path / "shared.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(image)
+    cache = sig.HashCache()
+    (known,) = cache.hashes([str(image)])
+    key = cache.key(str(image))
+    folder = tmp_path / "_cache" / "signatures"
+    row = {"path": key[0], "size": key[1], "mtime_ns": key[2], "phash": known}
+    row["fingerprint"] = sig._HASH_VERSION
+    write_parquet_atomic(
+        pa.Table.from_pylist([row], schema=sig._CACHE_SCHEMA), folder / "A.parquet"
+    )
+    table = pa.table({"kind": ["image"], "images": [[{"path": str(image)}]]})
+
+    def no_decoding(path):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(nd_images, "grey_thumbnail", no_decoding)
+    fresh = sig.HashCache()
+    fresh.known.update(sig._other_shards_hashes(folder / "B.parquet", table, fresh, 8))
+    assert fresh.hashes([str(image)]) == [known] and fresh.decoded == 0
+    os.utime(image, ns=(key[2], key[2] + 10**9))  # the file changed: its entry no longer counts
+    assert sig._other_shards_hashes(folder / "B.parquet", table, sig.HashCache(), 8) == {}
