@@ -90,8 +90,16 @@ class ScoreConfig(BaseModel):
     enforce_eager: bool | None = Field(
         None, description="vLLM: no CUDA graphs / compilation (default: on CPU only)"
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel GPUs")
-    data_parallel_size: int = Field(1, ge=1, description="vLLM data parallel replicas")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs of one judge engine (vLLM tensor_parallel_size)"
+    )
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="judge engines, each a vLLM replica on tensor_parallel_size GPUs, each "
+        "batch split between them; > 1 runs on the Ray executor (engine actors; vLLM refuses "
+        "data_parallel_size in one process)",
+    )
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM GPU share")
     kv_cache_memory_bytes: int | None = Field(
         None, ge=1, description="vLLM KV cache size (CPU default: 256 MiB)"

@@ -181,40 +181,55 @@ class VllmEngine:
         torch.set_num_threads(n)
 
 
-def _make_llm(cfg: ScoreConfig, model: Path):
-    """Build ``vllm.LLM``; on a CPU (and for one-GPU runs) the engine runs in this process."""
-    single = cfg.tensor_parallel_size == 1 and cfg.data_parallel_size == 1
-    if single:
-        # In-process engine: starts in seconds instead of spawning three processes.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-    from vllm.platforms import current_platform
+def llm_kwargs(cfg: ScoreConfig, model: Path, *, on_cpu: bool) -> dict:
+    """The ``vllm.LLM`` arguments of one judge engine (every key is a field of vLLM's
+    ``EngineArgs``; tests/stages/score/test_engine_args.py checks them against vLLM).
 
+    One engine is one replica: tensor parallel inside it is ``tensor_parallel_size``; data
+    parallel is several engines (``score.data_parallel_size`` engine actors on the Ray
+    executor, ``ray_engine``), never ``data_parallel_size`` in one ``LLM``, which vLLM
+    refuses in a single process.
+    """
+    if cfg.data_parallel_size > 1 or "data_parallel_size" in cfg.engine_kwargs:
+        raise EngineError(
+            f"score.data_parallel_size {cfg.data_parallel_size} asks for several judge "
+            "engines, which run as engine actors on the Ray executor (executor: {kind: ray}; "
+            "with no address it starts Ray on this machine, one engine per "
+            "tensor_parallel_size GPUs); vLLM refuses data_parallel_size in one process"
+        )
     kwargs: dict = {
         "model": str(model),
         "tokenizer": str(cfg.tokenizer or model),
         "dtype": cfg.dtype,
         "max_model_len": cfg.max_model_len,
-        "enforce_eager": current_platform.is_cpu()
-        if cfg.enforce_eager is None
-        else cfg.enforce_eager,
+        "enforce_eager": on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
         "enable_prefix_caching": True,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "seed": 0,
     }
-    if cfg.data_parallel_size > 1:
-        kwargs["data_parallel_size"] = cfg.data_parallel_size
-    if single:
+    if cfg.tensor_parallel_size == 1:
         kwargs["distributed_executor_backend"] = "uni"
     if cfg.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if cfg.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
-    elif current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+    elif on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES  # vLLM would take 13 GiB
     if cfg.vlm:
         kwargs["limit_mm_per_prompt"] = {"image": 64}
     kwargs.update(cfg.engine_kwargs)
+    return kwargs
+
+
+def _make_llm(cfg: ScoreConfig, model: Path):
+    """Build ``vllm.LLM``; on a CPU (and for one-GPU runs) the engine runs in this process."""
+    if cfg.tensor_parallel_size == 1:
+        # In-process engine: starts in seconds instead of spawning three processes.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    kwargs = llm_kwargs(cfg, model, on_cpu=current_platform.is_cpu())
     try:
         return LLM(**kwargs)
     except (ValueError, RuntimeError, TypeError, OSError, MemoryError) as e:

@@ -1,8 +1,10 @@
 """The score stage on a Ray cluster: vLLM engines as Ray actors, data parallel over each batch.
 
 One engine actor per ``num_gpus_per_engine`` GPUs (default: the stage's
-``tensor_parallel_size``, so tensor parallelism stays inside an engine), as many actors as the
-cluster's GPUs allow (or ``executor.engines``). ``RayEngine`` has the interface the stage
+``tensor_parallel_size``, so tensor parallelism stays inside an engine), as many actors as
+``score.data_parallel_size`` asks for, else ``executor.engines``, else as the cluster's GPUs
+allow: data parallelism is these engines, each one vLLM replica (vLLM refuses
+``data_parallel_size`` in one ``LLM``). ``RayEngine`` has the interface the stage
 uses of an engine (``run(requests) -> [RawOutput]``, ``stats``, ``close()``): each batch the
 stage sends is cut into contiguous slices, one per actor (requests sharing a prompt stay
 together, so each engine's prefix cache still sees them in a row), and the outputs come back
@@ -86,8 +88,19 @@ def engine_layout(cfg: ScoreConfig, executor: RayExecutor) -> tuple[int, float]:
             f"{gpus_each:g} (score.tensor_parallel_size / executor.num_gpus_per_engine). "
             "Add GPU nodes, or set executor.num_gpus_per_engine: 0 to score on CPUs."
         )
-    if ecfg.engines is not None:
-        return ecfg.engines, gpus_each
+    wanted = cfg.data_parallel_size if cfg.data_parallel_size > 1 else ecfg.engines
+    if cfg.data_parallel_size > 1 and ecfg.engines not in (None, cfg.data_parallel_size):
+        raise EngineLayoutError(
+            f"score.data_parallel_size {cfg.data_parallel_size} and executor.engines "
+            f"{ecfg.engines} disagree on the number of judge engines: set one of them"
+        )
+    if wanted is not None:
+        if gpus_each > 0 and gpus < wanted * gpus_each:
+            raise EngineLayoutError(
+                f"the Ray cluster at {executor.where} has {gpus:g} GPUs; {wanted} judge "
+                f"engines of {gpus_each:g} GPUs each need {wanted * gpus_each:g}"
+            )
+        return wanted, gpus_each
     return (max(1, int(gpus // gpus_each)) if gpus_each > 0 else 1), gpus_each
 
 

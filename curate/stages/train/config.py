@@ -72,12 +72,18 @@ class TrainConfig(BaseModel):
     augment: bool = Field(True, description="random JPEG compression where data_augment is set")
     # --- machinery ---
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
-    )
-    attention: Literal["auto", "flash", "varlen", "sdpa", "eager"] = Field(
         "auto",
-        description="auto: flash-attn varlen on GPU when installed, else varlen (SDPA "
-        "per sample); sdpa/eager: one block-diagonal causal mask over the pack",
+        description="auto: bf16 on GPU, fp32 on CPU. bf16: matmuls and activations in bf16 "
+        "(autocast) over fp32 master weights and fp32 AdamW state; the loss, its weights and "
+        "Σw stay fp32; under FSDP2 parameters are gathered in bf16 and gradients reduced in "
+        "fp32 (MixedPrecisionPolicy)",
+    )
+    attention: Literal["auto", "flash", "flex", "varlen", "sdpa", "eager"] = Field(
+        "auto",
+        description="packed attention, samples never see each other. auto: flash on GPU when "
+        "flash-attn is installed, else flex on GPU, varlen on CPU. flash: flash-attn varlen; "
+        "flex: torch flex_attention over a block mask per pack (GPU: no backward on CPU); "
+        "varlen: one SDPA call per sample; sdpa/eager: one T x T block-diagonal mask",
     )
     grad_checkpointing: bool = Field(False, description="recompute activations in backward")
     distributed: Literal["ddp", "fsdp2"] = Field(

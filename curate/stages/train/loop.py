@@ -26,11 +26,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from curate.core.errors import CurateError
-from curate.stages.train.config import TrainConfig
+
+if TYPE_CHECKING:  # annotations only: bench/gpu_check.py imports this module without pydantic
+    from curate.stages.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,33 @@ def micro_step(
 
     The backward loss is Σ w·CE · world / Σw_step: summed over the step's micro-batches and
     averaged over ranks by DDP, the gradient is that of Σ w·CE / Σ w over the whole step.
+    bf16: the forward runs under bf16 autocast (matmuls and activations in bf16, the
+    parameters stay fp32 master weights); Σ w·CE comes back fp32 (``PackedCausalLM`` upcasts
+    the logits) and is scaled by Σw in fp64 on the host, outside autocast.
     """
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         wce = wrapped(**{k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS})
+    wce = wce.float()
     (wce * (world / float(batch["weight_sum"]))).backward()
     return float(wce.detach())
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 for ``precision`` on ``device``: auto means bf16 on a GPU, fp32 on a CPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def mixed_precision_policy(bf16: bool):
+    """FSDP2's policy: parameters gathered and used in bf16, gradients reduced and kept in fp32
+    (the sharded fp32 parameters are the master weights AdamW updates). Inputs are not cast:
+    autocast casts per op, and the loss weights must stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
 
 
 # --- model and wrapping ---------------------------------------------------------------------
@@ -227,8 +252,11 @@ def _make_model(cfg: TrainConfig, resume_from: Path | None):
     return m.build_model(cfg.flavor, tok, seed=cfg.seed), tok
 
 
-def wrap(module: torch.nn.Module, cfg: TrainConfig, dist: Dist) -> torch.nn.Module:
-    """DDP, or FSDP2 sharding each transformer layer and then the whole module."""
+def wrap(
+    module: torch.nn.Module, cfg: TrainConfig, dist: Dist, bf16: bool = False
+) -> torch.nn.Module:
+    """DDP, or FSDP2 sharding each transformer layer and then the whole module (in bf16:
+    ``mixed_precision_policy``)."""
     if dist.world == 1:
         return module
     if cfg.distributed == "ddp":
@@ -242,10 +270,11 @@ def wrap(module: torch.nn.Module, cfg: TrainConfig, dist: Dist) -> torch.nn.Modu
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(dist.device.type, (dist.world,))
+    policy = mixed_precision_policy(bf16)
     inner = module.model.model
     for layer in [*inner.vision_tower.encoder.layer, *inner.language_model.layers]:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
     return module
 
 
@@ -398,7 +427,10 @@ def train(
     m.freeze_except(model, stage.trains)
     drop_path = cfg.drop_path if cfg.drop_path is not None else stage.drop_path
     m.set_drop_path(model, drop_path if "vision" in stage.trains else 0.0)
-    attention = m.resolve_attention(cfg.attention)
+    choice = m.attention_choice(cfg.attention, dist.device)
+    if dist.main:  # which packed-attention path runs, and why (a GPU without flash-attn: flex)
+        print(choice.line())
+    attention = choice.impl
     model.set_attn_implementation(attention)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -407,7 +439,8 @@ def train(
     model.train()
 
     module = PackedCausalLM(model, attention)
-    wrapped = wrap(module, cfg, dist)
+    bf16 = use_bf16(cfg.precision, dist.device)
+    wrapped = wrap(module, cfg, dist, bf16)
     lr = cfg.lr if cfg.lr is not None else stage.lr
     warmup = warmup_steps_for(cfg, stage, total_steps)
     optimizer = torch.optim.AdamW(
@@ -451,6 +484,8 @@ def train(
             "drop_path": drop_path,
             "steps": total_steps,
             "attention": attention,
+            "attention_path": choice.line(),
+            "precision": "bf16" if bf16 else "fp32",
             "world": dist.world,
             "trains": list(stage.trains),
         }
@@ -477,7 +512,6 @@ def train(
     loader = d.make_loader(
         dataset, workers=cfg.workers, seed=cfg.seed, pin_memory=dist.device.type == "cuda"
     )
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
     result = TrainResult(out=out, steps=start_step)

@@ -15,9 +15,14 @@ with a fresh projector (progressive scaling). No remote code, no hub access.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from curate.core.chat import SPECIAL_TOKENS
+from curate.core.errors import CurateError
+
+logger = logging.getLogger(__name__)
 
 FLAVORS: dict[str, dict] = {
     "debug": {
@@ -275,22 +280,81 @@ def _drop_path_hook(module, args, output):
     return (x, *output[1:]) if isinstance(output, tuple) else x
 
 
-def resolve_attention(requested: str) -> str:
-    """The attention implementation name for transformers.
+class AttentionUnavailable(CurateError):
+    """The attention asked for cannot run here (flash-attn missing, flex backward on a CPU)."""
 
-    auto: ``flash_attention_2`` on a GPU with flash-attn installed, else ``sdpa_varlen``
-    (SDPA per sample, ``loss.varlen_sdpa_attention``); ``sdpa`` is SDPA with a block-diagonal
-    4-D mask, ``eager`` the same mask additive. All keep samples of a pack apart.
-    """
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """Which packed-attention path a model runs, and why (``loss.py`` describes each)."""
+
+    requested: str  # auto | flash | flex | varlen | sdpa | eager
+    impl: str  # the transformers attn_implementation name
+    why: str
+
+    def line(self) -> str:
+        return f"attention: {self.impl} ({self.why})"
+
+
+def flash_attn_installed() -> bool:
     import importlib.util
 
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_choice(requested: str, device=None, *, backward: bool = True) -> AttentionChoice:
+    """The packed attention for ``requested`` on ``device`` (default: CUDA when available).
+
+    auto: flash-attn varlen on a GPU when flash-attn is installed; else on a GPU torch's
+    flex attention over a block mask per pack (needs nothing beyond torch); on a CPU the
+    per-sample SDPA loop (flex has no backward there). ``backward`` False allows flex on a
+    CPU (forward only: tests, the GPU check's smoke run).
+    """
     import torch
 
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.device(device).type == "cuda"
     if requested == "auto":
-        flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-        requested = "flash" if flash else "varlen"
+        if gpu and flash_attn_installed():
+            requested, why = "flash", "auto: flash-attn is installed"
+        elif gpu:
+            requested, why = "flex", "auto: flash-attn is not installed"
+        else:
+            requested, why = "varlen", "auto: the CPU fallback"
+    else:
+        why = "asked for"
+    if requested == "flash":
+        if not (gpu and flash_attn_installed()):
+            raise AttentionUnavailable(
+                "attention=flash needs a CUDA GPU and flash-attn (pip install flash-attn "
+                "--no-build-isolation); attention=flex needs only torch"
+            )
+        return AttentionChoice(requested, "flash_attention_2", f"flash-attn varlen, {why}")
+    if requested == "flex":
+        if backward and not gpu:
+            raise AttentionUnavailable(
+                f"attention=flex cannot train on {device}: torch's flex attention has no "
+                "backward on the CPU; use attention=varlen (or auto)"
+            )
+        from curate.stages.train.loss import register_flex
+
+        impl = register_flex()
+        return AttentionChoice(requested, impl, f"torch flex_attention, block mask per pack, {why}")
     if requested == "varlen":
         from curate.stages.train.loss import register_varlen_sdpa
 
-        return register_varlen_sdpa()
-    return {"flash": "flash_attention_2"}.get(requested, requested)
+        impl = register_varlen_sdpa()
+        return AttentionChoice(requested, impl, f"one SDPA call per sample, {why}")
+    if requested in ("sdpa", "eager"):
+        return AttentionChoice(requested, requested, f"one T x T block-diagonal mask, {why}")
+    raise AttentionUnavailable(
+        f"unknown attention {requested!r}; known: auto, flash, flex, varlen, sdpa, eager"
+    )
+
+
+def resolve_attention(requested: str, device=None, *, backward: bool = True) -> str:
+    """The transformers attention implementation name of ``attention_choice`` (logged)."""
+    choice = attention_choice(requested, device, backward=backward)
+    logger.info(choice.line())
+    return choice.impl

@@ -128,6 +128,58 @@ def test_resume_continues_the_same_curve(small_packs, train_tokenizer, tmp_path)
     assert logged == pytest.approx(full.losses, rel=1e-6, abs=0)
 
 
+def _cpu_bf16_works() -> bool:
+    try:
+        a = torch.ones(8, 8, dtype=torch.bfloat16)
+        return bool((a @ a)[0, 0] == 8)
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_bf16_works(), reason="no bf16 matmul on this CPU")
+def test_bf16_on_the_cpu(small_packs, train_tokenizer, tmp_path, capsys):
+    """precision=bf16: bf16 autocast over fp32 master weights and fp32 AdamW state; the loss
+    follows the fp32 run within bf16 rounding; the run says which attention and precision."""
+    from curate.stages.train.model import load_model
+
+    kw = dict(steps=3, drop_path=0.0)
+    fp32 = train(_cfg(small_packs, tmp_path / "fp32", train_tokenizer, **kw), progress=False)
+    bf16 = train(
+        _cfg(small_packs, tmp_path / "bf16", train_tokenizer, precision="bf16", **kw),
+        progress=False,
+    )
+    assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2)
+    assert bf16.losses != fp32.losses  # bf16 did run
+    out = capsys.readouterr().out
+    assert "attention: sdpa_varlen (one SDPA call per sample, auto: the CPU fallback)" in out
+    resolved = json.loads((tmp_path / "bf16" / "train_config.json").read_text())
+    assert resolved["precision"] == "bf16" and resolved["attention"] == "sdpa_varlen"
+    assert {p.dtype for p in load_model(bf16.checkpoint).parameters()} == {torch.float32}
+    state = torch.load(bf16.checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]
+    moments = [t for s in state["state"].values() for k, t in s.items() if k != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+
+
+def test_fsdp2_mixed_precision_policy():
+    """Sharded bf16: gather parameters in bf16, reduce and keep gradients in fp32, leave the
+    inputs (the fp32 loss weights) alone; fp32 runs keep FSDP2's default (no casting)."""
+    from curate.stages.train.loop import mixed_precision_policy, use_bf16
+
+    policy = mixed_precision_policy(True)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert policy.cast_forward_inputs is False
+    assert mixed_precision_policy(False).param_dtype is None
+    assert use_bf16("auto", torch.device("cuda")) and not use_bf16("auto", torch.device("cpu"))
+    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("fp32", torch.device("cuda"))
+
+
+def test_flex_on_the_cpu_is_a_one_line_error(small_packs, train_tokenizer, tmp_path):
+    from curate.stages.train.model import AttentionUnavailable
+
+    with pytest.raises(AttentionUnavailable, match="no backward on the CPU"):
+        train(_cfg(small_packs, tmp_path / "o", train_tokenizer, attention="flex"), progress=False)
+
+
 # --- the train stage in a run folder (packs made by the pack stage) --------------------------
 
 PACK = {"max_tokens": 2048, "max_tiles": 8, "packs_per_shard": 8}
@@ -316,9 +368,14 @@ def _run_torchrun(args: list[str], nproc: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp2"])
-def test_two_gloo_ranks_agree_with_one(distributed, small_packs, train_tokenizer, tmp_path):
-    """torchrun, 2 CPU ranks (gloo), 1 pack each = 1 process accumulating 2 packs."""
+@pytest.mark.parametrize(
+    ("distributed", "precision"), [("ddp", "fp32"), ("fsdp2", "fp32"), ("fsdp2", "bf16")]
+)
+def test_two_gloo_ranks_agree_with_one(
+    distributed, precision, small_packs, train_tokenizer, tmp_path
+):
+    """torchrun, 2 CPU ranks (gloo), 1 pack each = 1 process accumulating 2 packs (in bf16:
+    FSDP2's bf16 gathers and fp32 reduction against one process's autocast, to bf16 rounding)."""
     import yaml
 
     from curate.stages.train.model import load_model
@@ -345,25 +402,46 @@ def test_two_gloo_ranks_agree_with_one(distributed, small_packs, train_tokenizer
         "drop_path=0",
         "workers=0",
         f"distributed={distributed}",
+        f"precision={precision}",
     ]
     args = ["--run", str(tmp_path / "run"), "--config", str(pipeline)]
     _run_torchrun([*args, *(x for s in sets for x in ("--set", s))], 2)
     one = train(
-        _cfg(small_packs, tmp_path / "one", train_tokenizer, steps=2, accum=2, drop_path=0.0),
+        _cfg(
+            small_packs,
+            tmp_path / "one",
+            train_tokenizer,
+            steps=2,
+            accum=2,
+            drop_path=0.0,
+            precision=precision,
+        ),
         progress=False,
     )
     two_rows = [
         json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert [r["loss"] for r in two_rows] == pytest.approx(one.losses, rel=1e-5, abs=0)
+    exact = precision == "fp32"
+    assert [r["loss"] for r in two_rows] == pytest.approx(one.losses, rel=1e-5 if exact else 2e-2)
     assert [r["tokens"] for r in two_rows] == [
         json.loads(ln)["tokens"]
         for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
     ]
     a = load_model(one.checkpoint).state_dict()
     b = load_model(tmp_path / "two" / "checkpoints" / "step-0000002").state_dict()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+    if exact:
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+    else:  # Adam moves a near-zero gradient by ±lr whichever side of zero bf16 rounds it
+        # to: compare the whole update, not each weight (measured: 2.4% apart)
+        from transformers import AutoTokenizer
+
+        from curate.stages.train.model import build_model
+
+        init = build_model("debug", AutoTokenizer.from_pretrained(train_tokenizer)).state_dict()
+        da = torch.cat([(a[k] - init[k]).flatten() for k in a])
+        db = torch.cat([(b[k] - init[k]).flatten() for k in a])
+        assert float((da - db).norm() / da.norm()) <= 0.1
 
 
 def test_image_broken_after_packing_is_skipped_with_a_ledger_row(
