@@ -122,9 +122,13 @@ def padded_loss(model, batch, device):
         )
     else:
         vision = inner.get_image_features(pixel_values=pix, return_dict=True)
-    out = inner(
-        input_ids=batch["input_ids"].to(device),
-        mm_encoder_outputs={"image": vision} if pix.shape[0] else None,
+    from curate.stages.train.loss import embed_with_images
+
+    ids = batch["input_ids"].to(device)
+    # Image features merged as the packed side does (transformers 5.17 has no
+    # mm_encoder_outputs: it would train without the images).
+    out = inner.language_model(
+        inputs_embeds=embed_with_images(inner, ids, vision if pix.shape[0] else None),
         attention_mask=batch["attention_mask"].to(device),
         use_cache=False,
     )
