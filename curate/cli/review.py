@@ -4,6 +4,9 @@ curate review --run RUN --pending                           # flagged samples to
 curate review --run RUN --sample ID --keep --note "fine"    # one sample
 curate review --run RUN --dataset doc_ocr --rule duplicate_lines --keep   # a rule, a dataset
 curate review --run RUN --list                              # decisions in force
+curate review --run RUN --serve [--host 127.0.0.1] [--port 8765]   # review in the browser
+
+Decisions go through ``curate.review.decisions``, the same code as the web app's.
 """
 
 from __future__ import annotations
@@ -73,56 +76,6 @@ def pending_table(df: pl.DataFrame, limit: int) -> Table:
     return t
 
 
-def _sample_rows(run: RunFolder, ids: list[str]) -> list[dict]:
-    """Per-sample decisions with their dataset; unknown ids and ingest rejects are errors."""
-    import polars as pl
-
-    samples = pl.from_arrow(run.read("samples").select(["sample_id", "dataset"]))
-    known = dict(samples.filter(pl.col("sample_id").is_in(ids)).iter_rows())
-    missing = [i for i in ids if i not in known]
-    if missing:
-        ledger = pl.from_arrow(run.ledger("ingest").select(["sample_id", "rule", "detail"]))
-        why = []
-        for i in missing:
-            hit = ledger.filter(pl.col("sample_id") == i)
-            why.append(
-                f"{i}: rejected at ingest ({hit['rule'][0]}): it never became a sample; "
-                "fix the annotation line instead"
-                if len(hit)
-                else f"{i}: no such sample in {run.path}"
-            )
-        raise ValueError("\n".join(why))
-    return [{"sample_id": i, "dataset": known[i]} for i in ids]
-
-
-def _rule_rows(run: RunFolder, dataset: str | None, rule: str) -> list[dict]:
-    """Per-rule decisions: for ``dataset``, or every dataset the rule failed in."""
-    import polars as pl
-
-    everything = pl.from_arrow(run.ledger().select(["dataset", "stage", "rule"]))
-    ledger = everything.filter(pl.col("stage") != "ingest")
-    if (
-        ledger.filter(pl.col("rule") == rule).is_empty()
-        and not everything.filter(pl.col("rule") == rule).is_empty()
-    ):
-        raise ValueError(
-            f"rule {rule!r} is an ingest rule: those lines never became samples, so no "
-            "decision can restore them; fix the annotation lines instead"
-        )
-    datasets = ledger.filter(pl.col("rule") == rule)["dataset"].unique().sort().to_list()
-    if dataset is not None:
-        if dataset not in datasets:
-            rules = ledger.filter(pl.col("dataset") == dataset)["rule"].unique().sort()
-            raise ValueError(
-                f"rule {rule!r} has no ledger rows for dataset {dataset!r}; its rules: "
-                + (", ".join(rules.to_list()) or "(none)")
-            )
-        datasets = [dataset]
-    elif not datasets:
-        raise ValueError(f"rule {rule!r} has no ledger rows in {run.path}")
-    return [{"dataset": d, "rule": rule} for d in datasets]
-
-
 def review_command(
     run: Annotated[Path, typer.Option("--run", help="run folder (filtered and/or scored)")],
     sample: Annotated[
@@ -148,6 +101,16 @@ def review_command(
         bool, typer.Option("--pending", help="show flagged samples awaiting review")
     ] = False,
     limit: Annotated[int, typer.Option(help="rows shown by --pending")] = 50,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="review in the browser: start a local web app")
+    ] = False,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="--serve: address to bind; any but a loopback one adds a secret token to the URL"
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="--serve: port (0: any free one)")] = 8765,
 ) -> None:
     """Review flagged and rejected samples: keep or reject one sample, or a rule of a dataset.
 
@@ -156,13 +119,20 @@ def review_command(
     """
     from curate.cli.console import console
     from curate.cli.console import fail as _fail
-    from curate.core.folder import RunFolder, RunLockedError
-    from curate.core.status import add_decisions, current_decisions, pending_review, status_totals
+    from curate.core.errors import CurateError
+    from curate.core.folder import RunFolder
+    from curate.core.status import current_decisions, pending_review, status_totals
+    from curate.review.decisions import record, rule_targets, sample_targets
 
     folder = RunFolder(run)
     if not folder.shards("samples"):
         _fail(f"{run} has no samples/: run `curate ingest` (or a pipeline) first")
     deciding = keep is not None
+    if serve and (deciding or list_ or pending or sample or rule is not None):
+        _fail("--serve starts the web app: decide there, or drop --serve")
+    if serve:
+        _serve(folder, host, port)
+        return
     if dataset is not None and rule is None:
         _fail("--dataset needs --rule (a per-rule decision)")
     if deciding and not sample and rule is None:
@@ -174,21 +144,42 @@ def review_command(
     if deciding:
         decision = "keep" if keep else "reject"
         try:
-            targets = _sample_rows(folder, sample) if sample else _rule_rows(folder, dataset, rule)
-            with folder.lock():
-                before = status_totals(folder)
-                add_decisions(folder, [{**t, "decision": decision, "note": note} for t in targets])
-                after = status_totals(folder)
-        except (ValueError, RunLockedError) as e:
+            targets = (
+                sample_targets(folder, sample) if sample else rule_targets(folder, dataset, rule)
+            )
+            done = record(folder, targets, decision, note, totals=True)
+        except CurateError as e:
             _fail(str(e))
         for t in targets:
             what = t.get("sample_id") or f"rule {t['rule']} of dataset {t['dataset']}"
             console.print(f"recorded: {decision} {what}")
-        console.print(effect_table(before, after))
+        console.print(effect_table(done.before, done.after))
     if list_:
         console.print(decisions_table(current_decisions(folder)))
     if pending:
         console.print(pending_table(pending_review(folder), limit))
     if not (deciding or list_ or pending):
         console.print(effect_table(status_totals(folder)))
-        console.print("nothing decided: see --pending, --list, --sample ID --keep|--reject")
+        console.print(
+            "nothing decided: see --pending, --list, --sample ID --keep|--reject, --serve"
+        )
+
+
+def _serve(folder: RunFolder, host: str, port: int) -> None:
+    """Start the review web app and block until Ctrl-C; a second server on the run, a busy
+    port or missing web libraries are one line, no traceback."""
+    import contextlib
+
+    from curate.cli.console import console, user_errors
+    from curate.core.status import decisions_path
+    from curate.review.serve import open_server
+
+    with user_errors(), open_server(folder, host, port) as server:
+        console.print(f"curate review: [bold]{server.url}[/bold]", soft_wrap=True)
+        console.print(
+            f"{server.data.summary()}; keys: k keep, x reject, s skip, ←/→ previous/next, "
+            "u undo, K/X the rest of the rule in the dataset, ? help. Ctrl-C stops."
+        )
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it took
+            server.run()
+    console.print(f"curate review: server stopped; decisions are in {decisions_path(folder)}")

@@ -48,14 +48,15 @@ def load_decisions(run: RunFolder) -> pl.DataFrame:
     return pl.from_arrow(table)
 
 
-def add_decisions(run: RunFolder, rows: list[dict]) -> int:
-    """Append decisions (dicts with DECISION_SCHEMA keys; ``decided_at`` filled in)."""
+def add_decisions(run: RunFolder, rows: list[dict], now: float | None = None) -> int:
+    """Append decisions (dicts with DECISION_SCHEMA keys; ``decided_at`` filled in: ``now``,
+    else the current time, so a caller that may undo them knows their timestamp)."""
     for r in rows:
         if r.get("decision") not in ("keep", "reject"):
             raise ValueError(f"decision must be keep or reject, got {r.get('decision')!r}")
         if not r.get("sample_id") and not (r.get("dataset") and r.get("rule")):
             raise ValueError("a decision names a sample_id, or a dataset and a rule")
-    now = time.time()
+    now = time.time() if now is None else now
     new = pa.Table.from_pylist(
         [{**{k: None for k in DECISION_SCHEMA.names}, **r, "decided_at": now} for r in rows],
         schema=DECISION_SCHEMA,
@@ -63,6 +64,32 @@ def add_decisions(run: RunFolder, rows: list[dict]) -> int:
     table = pa.concat_tables([load_decisions(run).to_arrow().cast(DECISION_SCHEMA), new])
     write_parquet_atomic(table, decisions_path(run))
     return len(rows)
+
+
+def withdraw_decision(
+    run: RunFolder,
+    decided_at: float,
+    sample_id: str | None = None,
+    dataset: str | None = None,
+    rule: str | None = None,
+) -> int:
+    """Remove the decision made at ``decided_at`` for a sample (``sample_id``) or a rule of a
+    dataset (``dataset`` and ``rule``): an undo. The key's earlier decision, if any, is in force
+    again. Returns the rows removed (0: none matched, e.g. already withdrawn)."""
+    df = load_decisions(run)
+    if sample_id:
+        key = pl.col("sample_id") == sample_id
+    elif dataset and rule:
+        key = pl.col("sample_id").is_null() & (pl.col("dataset") == dataset)
+        key = key & (pl.col("rule") == rule)
+    else:
+        raise ValueError("an undo names a sample_id, or a dataset and a rule")
+    hit = key & (pl.col("decided_at") == decided_at)
+    removed = int(df.select(hit.sum()).item() or 0)
+    if removed:
+        table = df.filter(~hit.fill_null(False)).to_arrow().cast(DECISION_SCHEMA)
+        write_parquet_atomic(table, decisions_path(run))
+    return removed
 
 
 def _latest(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -119,6 +146,16 @@ def sample_status(
         candidates = samples.join(rejected.select("sample_id"), on="sample_id", how="anti")
         ledger = pl.concat([ledger, _missing(run, stage, table, candidates)])
     return _status(samples, ledger, load_decisions(run), flagged)
+
+
+def status_of(
+    samples: pl.DataFrame, ledger: pl.DataFrame, decisions: pl.DataFrame, flagged: str = "exclude"
+) -> pl.DataFrame:
+    """``sample_status`` on frames already read: ``samples`` (sample_id, dataset), ``ledger``
+    (sample_id, dataset, rule, severity) and ``decisions``; for a caller that keeps the ledger
+    in memory and re-reads only the decisions (the review app, after each keystroke)."""
+    cols = ["sample_id", "dataset", "rule", "severity"]
+    return _status(samples.select("sample_id", "dataset"), ledger.select(cols), decisions, flagged)
 
 
 _S = pa.schema([("sample_id", pa.string()), ("dataset", pa.string())])

@@ -18,7 +18,7 @@ import polars as pl
 
 from curate.core.folder import RunFolder
 from curate.core.io import write_bytes_atomic
-from curate.stages.report.html import CARD_CSS, fmt_number, sample_card_html
+from curate.stages.report.html import CARD_CSS, fmt_number, lessons_html, sample_card_html
 from curate.stages.report.tables import (
     RunTables,
     contamination_by_benchmark,
@@ -243,6 +243,15 @@ def _duplicates_section(tables: RunTables) -> str:
     return f'<h2>Near-duplicates and benchmark contamination</h2><div class="grid">{body}</div>'
 
 
+def _lessons_section(tables: RunTables) -> str:
+    """What review teaches (``lessons``): each rule's precision on the reviewed samples and a
+    suggested threshold, and the judge's agreement with the reviewers."""
+    from curate.stages.report.lessons import judge_decisions, lessons
+
+    found = lessons(tables.ledger, tables.decisions, judge_decisions(tables.run))
+    return '<h2 id="lessons">What review teaches</h2>' + lessons_html(found)
+
+
 def _plot_img(fig, alt: str) -> str:
     from curate.stages.report.plots import fig_to_data_uri
 
@@ -360,6 +369,7 @@ def render_report(
         _pack_table(tables),
         "</div></div>",
         _duplicates_section(tables),
+        _lessons_section(tables),
         "<h2>Plots</h2>",
         plots,
         f'<h2 id="gallery">Rejected and flagged samples, per rule (at most {per_rule} each)</h2>',

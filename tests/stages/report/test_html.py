@@ -10,7 +10,18 @@ from html.parser import HTMLParser
 
 from PIL import Image
 
-from curate.stages.report.html import cards_html, fmt_number, sample_card_html, thumbnail_data_uri
+from curate.stages.report.html import (
+    PROB_BAR_PX,
+    PROB_GAP_PX,
+    PROB_PLOT_PX,
+    cards_html,
+    fmt_number,
+    loop_marks,
+    prob_chart,
+    sample_card_html,
+    segments,
+    thumbnail_data_uri,
+)
 
 
 def _jpeg(path, size=(640, 480), color=(200, 40, 40)):
@@ -143,3 +154,80 @@ def test_cards_cap_and_ingest_rejects():
 def test_fmt_number():
     assert fmt_number(None) == "–" and fmt_number(3.0) == "3" and fmt_number(12000) == "12,000"
     assert fmt_number(0.91666) == "0.9167" and fmt_number(float("nan")) == "nan"
+
+
+def test_loop_marks_from_the_details():
+    turns = [("human", "Count please."), ("gpt", "1 2 3 " + "la " * 20 + "\n")]
+    tail = {
+        "rule": "tail_loop",
+        "detail": "loops = 20 (> 8): turn 1 ends with «la » (3 chars) repeated 20.0x over its "
+        "last 59 chars",
+    }
+    (span,) = loop_marks(turns, [tail])[1]
+    assert turns[1][1][span[0] : span[1]] == ("la " * 20).rstrip()
+    quoted = {"rule": "repeated_paragraph", "detail": "x: turn 1 gives «1 2 3» twice in a row"}
+    assert loop_marks(turns, [quoted]) == {1: [(0, 5)]}
+    short = {"rule": "x", "detail": "«la»"}  # too short to search for
+    assert loop_marks(turns, [short]) == {}
+    clipped = {"rule": "x", "detail": "«la la la…»"}  # a span the filters cut
+    assert len(loop_marks(turns, [clipped])[1]) == 6  # "la la la" six times, not overlapping
+    zeros = [("gpt", "a 10000 b " + "0" * 30 + " c")]
+    assert loop_marks(zeros, [{"rule": "zero_run", "threshold": 24.0}]) == {0: [(10, 40)]}
+    assert loop_marks(turns, [{"rule": "char_run", "threshold": None}]) == {}
+
+
+def test_segments_mark_and_cut():
+    assert segments("abcdef", [(1, 3)]) == [("a", ""), ("bc", "mark"), ("def", "")]
+    assert segments("abcdef", [(4, 9), (0, 1), (3, 5)]) == [
+        ("a", "mark"),
+        ("bc", ""),
+        ("def", "mark"),
+    ]
+    text = "h" * 100 + "LOOP" * 50
+    out = segments(text, [(100, 300)], max_chars=60)  # the head and the loop's end are kept
+    assert out[0] == ("h" * 40, "") and out[1][1] == "cut" and "240 characters" in out[1][0]
+    assert out[2] == ("LOOP" * 5, "mark") and len(out) == 3
+    assert "".join(p for p, k in out if k != "cut") == text[:40] + text[-20:]
+
+
+def test_prob_chart_geometry():
+    probs = [0.0] * 11
+    probs[8], probs[3] = 0.75, 0.25
+    c = prob_chart("quality", probs, score=8, expected=6.75, threshold=7)
+    assert len(c["bars"]) == 11 and c["width"] == 11 * (PROB_BAR_PX + PROB_GAP_PX) + 1
+    b8, b3 = c["bars"][8], c["bars"][3]
+    assert b8["h"] == 0.75 * PROB_PLOT_PX and b8["y"] == 2 + PROB_PLOT_PX - b8["h"]
+    assert b8["cls"] == "above top" and b8["x"] == 8 * (PROB_BAR_PX + PROB_GAP_PX) + 1
+    assert b3["cls"] == "below" and b3["p"] == "0.250"
+    assert c["summary"] == "score 8 · expected 6.75 · threshold 7"
+
+
+def test_card_draws_the_tile_grid_and_highlights_the_loop(tmp_path):
+    from curate.stages.report.html import card_context, data_uri_images, render_card
+
+    img = _jpeg(tmp_path / "root" / "a.jpg")
+    sample = {
+        "sample_id": "s",
+        "kind": "image",
+        "conversations": [{"role": "gpt", "text": "x " + "ab" * 40}],
+        "images": [{"path": str(img)}],
+    }
+    fails = [
+        {
+            "rule": "tail_loop",
+            "detail": "turn 0 ends with «ab» (2 chars) repeated 40.0x over its last 80 chars",
+        }
+    ]
+    c = card_context(
+        sample,
+        fails,
+        images=data_uri_images([tmp_path / "root"], 64),
+        grids=[{"cols": 3, "rows": 2, "thumbnail": True}],
+    )
+    html = render_card(c)
+    p = parse(html)
+    lines = [a for t, a in p.tags if t == "line"]
+    assert len(lines) == 2 + 1  # 2 vertical, 1 horizontal
+    assert [a for t, a in p.tags if t == "svg"][0]["viewbox"] == "0 0 3 2"
+    assert "3×2 tiles + thumbnail = 7" in html
+    assert "<mark>" + "ab" * 40 + "</mark>" in html
