@@ -22,7 +22,7 @@ import fcntl
 import os
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +40,25 @@ class RunLockedError(CurateError):
 
 class CountInvariantError(RuntimeError):
     """A stage lost or invented rows: rows_in != rows_kept + rows_rejected (a bug, not input)."""
+
+
+@contextmanager
+def exclusive_file_lock(path: Path, busy: Callable[[str], Exception]) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (made if missing) and yield its descriptor,
+    emptied for the holder to describe itself; while another process holds it, raise
+    ``busy(what that process wrote)`` at once. The lock goes with the process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise busy(holder) from None
+        os.ftruncate(fd, 0)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class RunFolder:
@@ -146,21 +165,15 @@ class RunFolder:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run's lock; a second process gets RunLockedError naming the holder."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-                raise RunLockedError(
-                    f"run folder {self.path} is in use by another curate process "
-                    f"({holder}); wait for it to finish"
-                ) from None
-            os.ftruncate(fd, 0)
+
+        def busy(holder: str) -> RunLockedError:
+            return RunLockedError(
+                f"run folder {self.path} is in use by another curate process "
+                f"({holder}); wait for it to finish"
+            )
+
+        with exclusive_file_lock(self.path / ".lock", busy) as fd:
             command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
             os.pwrite(fd, f"pid {os.getpid()}: {command}".encode(), 0)
             self.remove_stale_temp_files()
             yield
-        finally:
-            os.close(fd)

@@ -9,7 +9,6 @@ by default; bound anywhere else, the URL carries a random token that every reque
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import secrets
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate.core.errors import CurateError
-from curate.core.folder import RunFolder
+from curate.core.folder import RunFolder, exclusive_file_lock
 from curate.review.app import LOOPBACK_HOSTS, create_app
 from curate.review.data import ReviewData
 
@@ -46,22 +45,15 @@ def server_lock_path(run: RunFolder) -> Path:
 @contextmanager
 def server_lock(run: RunFolder) -> Iterator[int]:
     """Hold the run's review-server lock (a second holder gets ReviewServerBusy)."""
-    path = server_lock_path(run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            raise ReviewServerBusy(
-                f"a review server already works on {run.path} ({holder}): open that one, or "
-                "stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
+
+    def busy(holder: str) -> ReviewServerBusy:
+        return ReviewServerBusy(
+            f"a review server already works on {run.path} ({holder}): open that one, or "
+            "stop it first"
+        )
+
+    with exclusive_file_lock(server_lock_path(run), busy) as fd:
         yield fd
-    finally:
-        os.close(fd)
 
 
 @dataclass
