@@ -11,6 +11,7 @@ to 1e-6. The score stage on Ray is the pipeline's ``RayScorer`` (vLLM engine act
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -347,11 +348,19 @@ def test_ray_pipeline_equals_local(ray_cluster, demo_dir, demo_models, tmp_path)
     assert {k: v for k, v in got.items() if not k.startswith(with_probs)} == {
         k: v for k, v in want.items() if not k.startswith(with_probs)
     }
-    assert sorted(k for k in got if k.startswith(with_probs)) == sorted(
-        k for k in want if k.startswith(with_probs)
-    )
-    for k in want:
-        if k.startswith(with_probs) and k.endswith(".parquet"):
+
+    # Which shard decodes an image first (and so writes it into a filter cache part file) is up
+    # to the timing of parallel shards; those files' names are not part of a run's result.
+    def cached(files):
+        return sorted(
+            k
+            for k in files
+            if k.startswith(with_probs) and not re.match(r"_cache/filter/.*/(part|base)-", k)
+        )
+
+    assert cached(got) == cached(want)
+    for k in cached(want):
+        if k.endswith(".parquet"):
             assert_tables_close(tmp_path / "local" / k, tmp_path / "ray" / k)
     # upstream of the judge, the very same files: every marker's output hash is equal
     for stage in ("ingest", "budget", "repeat", "duplicates", "filter", "tokenize"):
