@@ -34,6 +34,23 @@ def run_neardup(run, cfg: NearDupConfig | None = None, decontaminate=None) -> di
     return run_stages(run, *neardup_stages(cfg or NearDupConfig(), decontaminate))
 
 
+GROUPING_OUTPUTS = (
+    "neardup_groups",
+    "neardup",
+    "ledger/neardup",
+    "_done/neardup_groups",
+    "_done/neardup",
+)
+
+
+def drop_grouping(path) -> None:
+    """Remove a run's grouping and ledger steps (outputs and markers), so they run again."""
+    import shutil
+
+    for folder in GROUPING_OUTPUTS:
+        shutil.rmtree(path / folder, ignore_errors=True)
+
+
 def planted_ids(run: RunFolder) -> dict[str, str]:
     """sample_id -> the annotation's ``id`` (``nd:resized``, ``leak:text``, ...)."""
     rows = run.read("samples").select(["sample_id", "extra"]).to_pylist()

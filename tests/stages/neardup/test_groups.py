@@ -16,7 +16,7 @@ from curate.core.io import write_json_atomic, write_parquet_atomic
 from curate.core.records import SAMPLE_SCHEMA
 from curate.stages.neardup import spill
 from curate.stages.neardup.config import NearDupConfig
-from tests.stages.neardup.helpers import run_neardup, with_settings
+from tests.stages.neardup.helpers import drop_grouping, run_neardup, with_settings
 
 # Estimated Jaccard (128 permutations, seed 1) of the chain below: A-B 0.91, B-C 0.91, A-C 0.82.
 CHAIN = NearDupConfig(threshold=0.87)
@@ -90,14 +90,7 @@ def test_tiny_partitions_and_row_groups_give_the_same_groups(chain_run, tmp_path
     _assert_chain(chain_run)
     path = tmp_path / "run"
     shutil.copytree(chain_run.path, path)
-    for folder in (
-        "neardup_groups",
-        "neardup",
-        "ledger/neardup",
-        "_done/neardup_groups",
-        "_done/neardup",
-    ):
-        shutil.rmtree(path / folder, ignore_errors=True)
+    drop_grouping(path)
     counts = []
     ranges = spill.Spill.ranges
 

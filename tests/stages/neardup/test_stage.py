@@ -11,7 +11,13 @@ import pytest
 
 from curate.core.folder import RunFolder
 from curate.stages.neardup.config import NearDupConfig, NearDupOverride
-from tests.stages.neardup.helpers import ledger_by_id, planted_ids, run_neardup, with_settings
+from tests.stages.neardup.helpers import (
+    drop_grouping,
+    ledger_by_id,
+    planted_ids,
+    run_neardup,
+    with_settings,
+)
 
 # copy -> the planted sample it repeats (the one kept: earlier in meta order, then line).
 PLANTED = {
@@ -32,7 +38,6 @@ DEMO = NearDupConfig(overrides={"programming": NearDupOverride(threshold=0.9)})
 
 @pytest.fixture(scope="module")
 def demo_neardup(ingested_run, tmp_path_factory):
-    import shutil
 
     path = tmp_path_factory.mktemp("neardup") / "run"
     shutil.copytree(ingested_run, path)
@@ -76,7 +81,6 @@ def test_counts_hold_and_nothing_is_rejected_by_default(demo_neardup):
 
 
 def test_kept_sample_is_deterministic(demo_neardup, tmp_path):
-    import shutil
 
     run, _ = demo_neardup
     again = tmp_path / "again"
@@ -118,14 +122,7 @@ def test_grouping_in_tiny_partitions_gives_the_same_clusters(demo_neardup, run_c
 
     run, _ = demo_neardup
     path = run_copy(run.path)
-    for folder in (
-        "neardup_groups",
-        "neardup",
-        "ledger/neardup",
-        "_done/neardup_groups",
-        "_done/neardup",
-    ):
-        shutil.rmtree(path / folder)
+    drop_grouping(path)
     monkeypatch.setattr(spill, "ROW_GROUP", 3)
     run_neardup(path, with_settings(DEMO, partition_rows=2))
     files = sorted(p.relative_to(run.path) for p in (run.path / "neardup_groups").rglob("*.pa*"))
