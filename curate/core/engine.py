@@ -273,7 +273,7 @@ class Engine:
             counts = count_source(stage.name, unit.name, out.rows_in, out.rows, ledger)
         rows_path = self.run.shard_path(stage.table, unit.name)
         ledger_path = self.run.ledger_path(stage.name, unit.name)
-        write_parquet_atomic(out.rows, rows_path)
+        write_parquet_atomic(out.rows, rows_path, stage.row_group_rows)
         write_parquet_atomic(ledger, ledger_path)
         output = digest([file_hash(rows_path), file_hash(ledger_path)])
         marker = {

@@ -39,11 +39,14 @@ def _commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file to a temp name beside ``path``, then rename it into place."""
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int | None = None) -> None:
+    """Write a Parquet file to a temp name beside ``path``, then rename it into place.
+
+    ``row_group_rows``: rows per row group (small groups make one row cheap to read back;
+    None: pyarrow's default, one group for any shard this project writes)."""
     tmp = _temp_beside(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
         _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -168,6 +168,9 @@ class ShardStage(Stage):
     """A stage applied shard by shard, independently (in parallel, on any executor)."""
 
     workers: int = 1
+    # Rows per Parquet row group of its output (None: one group). Small groups let a reader
+    # fetch one row without decoding the shard (the trainer reads samples from ``tokens/``).
+    row_group_rows: ClassVar[int | None] = None
 
     def shards(self, run: RunFolder) -> list[str]:
         """The shards to process: by default, every ingested shard."""

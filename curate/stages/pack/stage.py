@@ -6,7 +6,10 @@ After the tokenize stage (``tokens/``, one row per sample):
    review decisions (``curate.core.status``), never pack's own earlier output;
 2. reject (or truncate) samples over a cap, to ``ledger/pack`` with their sizes;
 3. bin-pack the copies under both caps, shuffle the pack order with the seed;
-4. write ``packs/part-*.parquet`` (PACK_SCHEMA); the engine swaps the folder into place.
+4. write ``packs/part-*.parquet`` (REF_PACK_SCHEMA: samples by tokens shard and row, their
+   sizes; never their ids); the engine swaps the folder into place.
+
+It holds a few numbers per sample, never the samples' ids: those stay in ``tokens/``.
 
 Its rows (``pack/all.parquet``) say how many copies of each kept sample were packed.
 """
@@ -17,11 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
 
-from curate.core.chat import IMG_END, IMG_START
+from curate.core.chat import IMG_CONTEXT, IMG_END, IMG_START
 from curate.core.folder import RunFolder
 from curate.core.io import file_hash, write_parquet_atomic
 from curate.core.records import LedgerEntry, ledger_table
@@ -33,7 +39,12 @@ from curate.stages.pack.binpack import lower_bound, pack_lengths
 from curate.stages.pack.bounds import REPORT_LP_TIME_LIMIT_S, best_bound
 from curate.stages.pack.config import PackConfig
 from curate.stages.pack.internvl_packer import internvl_greedy_pack
-from curate.stages.pack.manifest import PACK_IMAGE_TYPE, PACK_SCHEMA
+from curate.stages.pack.manifest import (
+    REF_PACK_SCHEMA,
+    TOKENS_FOLDER_KEY,
+    TOKENS_IDENTITY_KEY,
+)
+from curate.stages.pack.store import TokenStore, expand
 from curate.stages.pack.tokenize import TOKENS_SCHEMA
 
 STAGE = "pack"
@@ -72,13 +83,37 @@ class PackReport:
     rank_balance: dict = field(default_factory=dict)
 
 
-def _eligible_tokens(inp: GlobalInput) -> tuple[pa.Table, pl.DataFrame]:
+# What packing needs of a sample: a few numbers, never its ids (those stay in tokens/).
+SIZE_COLUMNS = ["sample_id", "dataset", "line", "n_tokens", "n_supervised", "tiles"]
+
+
+def _token_sizes(run: RunFolder) -> pl.DataFrame:
+    """Every tokens/ row's sizes, shard, row and image count; one shard's ids read at a time
+    (only the images' list lengths, never their paths, are kept)."""
+    frames = []
+    for shard in run.shards("tokens"):
+        t = pq.read_table(run.shard_path("tokens", shard), columns=[*SIZE_COLUMNS, "images"])
+        n_images = pc.list_value_length(t.column("images")).cast(pa.int16())
+        frames.append(
+            pl.from_arrow(t.select(SIZE_COLUMNS)).with_columns(
+                shard=pl.lit(shard),
+                row=pl.int_range(pl.len(), dtype=pl.Int32),
+                n_images=pl.Series(n_images.to_numpy(zero_copy_only=False)),
+            )
+        )
+    if not frames:
+        empty = pl.from_arrow(TOKENS_SCHEMA.empty_table().select(SIZE_COLUMNS))
+        return empty.with_columns(
+            shard=pl.lit("", pl.String), row=pl.lit(0, pl.Int32), n_images=pl.lit(0, pl.Int16)
+        )
+    return pl.concat(frames)
+
+
+def _eligible_tokens(inp: GlobalInput) -> tuple[pl.DataFrame, pl.DataFrame]:
     status = inp.status()
     keep = status.filter(pl.col("status") == "keep").select("sample_id")
-    tokens = inp.run.read("tokens", schema=TOKENS_SCHEMA)
-    ids = pl.from_arrow(tokens.select(["sample_id"])).with_row_index("row")
-    rows = ids.join(keep, on="sample_id", how="semi")["row"].to_numpy()
-    return tokens.take(pa.array(np.sort(rows))), status
+    sizes = _token_sizes(inp.run).join(keep, on="sample_id", how="semi")
+    return sizes.sort("shard", "row"), status
 
 
 def truncate_row(row: dict, max_tokens: int, img_start: int, img_end: int) -> dict | None:
@@ -112,50 +147,74 @@ def truncate_row(row: dict, max_tokens: int, img_start: int, img_end: int) -> di
     }
 
 
-def _apply_caps(tokens: pa.Table, cfg: PackConfig, tokenizer_ids: tuple[int, int]):
-    """Split rows into those that fit (truncated ones rebuilt) and ledger entries for the rest."""
-    n_tok = tokens.column("n_tokens").to_numpy()
-    n_til = tokens.column("tiles").to_numpy()
-    over = (n_tok > cfg.max_tokens) | (n_til > cfg.max_tiles)
-    entries, truncated = [], []
-    for i in np.nonzero(over)[0]:
-        row = tokens.slice(int(i), 1).to_pylist()[0]
-        if cfg.over_cap == "truncate" and n_til[i] <= cfg.max_tiles:
-            cut = truncate_row(row, cfg.max_tokens, *tokenizer_ids)
+def _truncated_sizes(run: RunFolder, sizes: dict, max_tokens: int, special) -> dict | None:
+    """A sample over the token cap, cut as ``truncate_row`` does, read from the tokens store."""
+    stored = TokenStore(run.path / "tokens").row(sizes["shard"], sizes["row"])
+    ids, labels = expand(
+        stored["input_ids"],
+        stored["labels"],
+        stored["context_at"],
+        stored["context_len"],
+        special.context,
+    )
+    row = {"input_ids": ids.tolist(), "labels": labels.tolist(), "images": stored["images"]}
+    cut = truncate_row(row, max_tokens, special.start, special.end)
+    if cut is None:
+        return None
+    return {
+        **sizes,
+        "n_tokens": cut["n_tokens"],
+        "n_supervised": cut["n_supervised"],
+        "tiles": cut["tiles"],
+        "n_images": len(cut["images"]),
+    }
+
+
+def _over_cap_entry(row: dict, cfg: PackConfig) -> LedgerEntry:
+    n_tok, n_til = row["n_tokens"], row["tiles"]
+    rule, value, cap = (
+        ("over_tile_cap", n_til, cfg.max_tiles)
+        if n_til > cfg.max_tiles
+        else ("over_token_cap", n_tok, cfg.max_tokens)
+    )
+    return LedgerEntry(
+        row["sample_id"],
+        row["dataset"],
+        row["line"],
+        STAGE,
+        rule,
+        "reject",
+        float(value),
+        float(cap),
+        f"{n_tok} tokens, {n_til} tiles; caps {cfg.max_tokens} tokens, {cfg.max_tiles} tiles",
+    )
+
+
+def _apply_caps(run: RunFolder, sizes: pl.DataFrame, cfg: PackConfig, special):
+    """The rows that fit (truncated ones with their cut sizes, in place) and ledger entries for
+    the rest."""
+    over = (pl.col("n_tokens") > cfg.max_tokens) | (pl.col("tiles") > cfg.max_tiles)
+    sizes = sizes.with_row_index("_i")
+    entries, cut_rows = [], []
+    for row in sizes.filter(over).iter_rows(named=True):
+        if cfg.over_cap == "truncate" and row["tiles"] <= cfg.max_tiles:
+            cut = _truncated_sizes(run, row, cfg.max_tokens, special)
             if cut is not None:
-                truncated.append(cut)
+                cut_rows.append(cut)
                 continue
-        rule, value, cap = (
-            ("over_tile_cap", n_til[i], cfg.max_tiles)
-            if n_til[i] > cfg.max_tiles
-            else ("over_token_cap", n_tok[i], cfg.max_tokens)
-        )
-        entries.append(
-            LedgerEntry(
-                row["sample_id"],
-                row["dataset"],
-                row["line"],
-                STAGE,
-                rule,
-                "reject",
-                float(value),
-                float(cap),
-                f"{n_tok[i]} tokens, {n_til[i]} tiles; caps {cfg.max_tokens} "
-                f"tokens, {cfg.max_tiles} tiles",
-            )
-        )
-    fits = tokens.filter(pa.array(~over))
-    if truncated:
-        fits = pa.concat_tables([fits, pa.Table.from_pylist(truncated, schema=TOKENS_SCHEMA)])
-    return fits, entries, {r["sample_id"] for r in truncated}
+        entries.append(_over_cap_entry(row, cfg))
+    fits = sizes.filter(~over)
+    if cut_rows:
+        fits = pl.concat([fits, pl.DataFrame(cut_rows, schema=sizes.schema)]).sort("_i")
+    return fits.drop("_i"), entries, {r["sample_id"] for r in cut_rows}
 
 
-def _expand_copies(run: RunFolder, fits: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def _expand_copies(run: RunFolder, fits: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Row index of every copy (a sample with 3 copies appears 3 times), and each row's
     number of copies."""
     path = run.path / "repeat" / "copies.parquet"
     copies = pl.read_parquet(path).select("sample_id", "copies")
-    ids = pl.from_arrow(fits.select(["sample_id"])).with_row_index("row")
+    ids = fits.select("sample_id").with_row_index("row")
     joined = ids.join(copies, on="sample_id", how="left").sort("row")
     n = joined["copies"].fill_null(1).to_numpy().astype(np.int64)
     return np.repeat(joined["row"].to_numpy(), n), n
@@ -180,50 +239,35 @@ def _regroup(values: pa.Array, counts: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def build_manifest(rows: pa.Table, packs: list[list[int]]) -> pa.Table:
-    """One manifest row per pack from the tokenised rows (``packs`` index ``rows``).
-
-    Vectorised: rows are taken in pack order once, then every list column is regrouped by
-    offsets, so a million samples take seconds, not a Python loop over tokens.
+def build_manifest(copies: pl.DataFrame, packs: list[list[int]], costs: np.ndarray) -> pa.Table:
+    """One reference-manifest row per pack (``packs`` index the rows of ``copies``): each
+    sample named by its tokens shard and row, with its sizes; vectorised, no loop over samples.
     """
     flat = np.fromiter((i for p in packs for i in p), dtype=np.int64)
     per_pack = np.array([len(p) for p in packs], dtype=np.int64)
-    taken = rows.take(pa.array(flat))
-    tok = taken.column("n_tokens").to_numpy()
+    taken = copies[flat] if len(flat) else copies.clear()
     pack_of = np.repeat(np.arange(len(packs)), per_pack)
-    tokens_per_pack = np.bincount(pack_of, weights=tok, minlength=len(packs)).astype(np.int64)
-    tiles_per_pack = np.bincount(
-        pack_of, weights=taken.column("tiles").to_numpy(), minlength=len(packs)
-    ).astype(np.int64)
-    images = taken.column("images").combine_chunks()
-    imgs_per_sample = pc.list_value_length(images).to_numpy(zero_copy_only=False)
-    first_of_pack = np.concatenate([[0], np.cumsum(per_pack)[:-1]])
-    index_in_pack = np.arange(len(flat)) - np.repeat(first_of_pack, per_pack)
-    flat_images = pc.list_flatten(images)
-    image_table = pa.StructArray.from_arrays(
-        [
-            pa.array(np.repeat(index_in_pack, imgs_per_sample).astype(np.int32)),
-            *(flat_images.field(f) for f in ("path", "cols", "rows", "thumbnail", "data_augment")),
-        ],
-        fields=list(PACK_IMAGE_TYPE),
-    )
-    imgs_per_pack = np.bincount(pack_of, weights=imgs_per_sample, minlength=len(packs))
+
+    def per_pack_sum(col: str) -> pa.Array:
+        total = np.bincount(pack_of, weights=taken[col].to_numpy(), minlength=len(packs))
+        return pa.array(total.astype(np.int32))
+
+    def listed(col: str, dtype: pa.DataType) -> pa.ListArray:
+        return _regroup(taken[col].to_arrow().cast(dtype), per_pack)
+
     columns = {
         "pack_id": pa.array(np.arange(len(packs), dtype=np.int64)),
-        "sample_ids": _regroup(taken.column("sample_id").combine_chunks(), per_pack),
-        "input_ids": _regroup(
-            pc.list_flatten(taken.column("input_ids").combine_chunks()), tokens_per_pack
-        ),
-        "labels": _regroup(
-            pc.list_flatten(taken.column("labels").combine_chunks()), tokens_per_pack
-        ),
-        "seq_lens": _regroup(pa.array(tok.astype(np.int32)), per_pack),
-        "supervised": _regroup(taken.column("n_supervised").combine_chunks(), per_pack),
-        "images": _regroup(image_table, imgs_per_pack.astype(np.int64)),
-        "n_tokens": pa.array(tokens_per_pack.astype(np.int32)),
-        "n_tiles": pa.array(tiles_per_pack.astype(np.int32)),
+        "sample_ids": listed("sample_id", pa.string()),
+        "token_shards": listed("shard", pa.string()),
+        "token_rows": listed("row", pa.int32()),
+        "seq_lens": listed("n_tokens", pa.int32()),
+        "supervised": listed("n_supervised", pa.int32()),
+        "image_counts": listed("n_images", pa.int16()),
+        "n_tokens": per_pack_sum("n_tokens"),
+        "n_tiles": per_pack_sum("tiles"),
+        "cost_flops": pa.array(np.asarray(costs, dtype=np.float64)),
     }
-    return pa.table(columns, schema=PACK_SCHEMA)
+    return pa.table(columns, schema=REF_PACK_SCHEMA)
 
 
 def padded_cost(tok: np.ndarray, batch_size: int, seed: int) -> int:
@@ -236,8 +280,19 @@ def padded_cost(tok: np.ndarray, batch_size: int, seed: int) -> int:
     return total
 
 
-def _write_packs(out: Path, manifest: pa.Table, packs_per_shard: int) -> None:
-    """Write the manifest shards into ``out/packs`` (the engine swaps it in when done)."""
+def tokens_identity(run: RunFolder) -> str:
+    """Digest of the tokens shards' outputs: a manifest that names it changes (and so does
+    training's input) when the tokens it refers to do, even if its own rows do not."""
+    outputs = {shard: m.get("output") for shard, m in run.markers("tokenize").items()}
+    return xxhash.xxh3_64_hexdigest(orjson.dumps(outputs, option=orjson.OPT_SORT_KEYS))
+
+
+def _write_packs(out: Path, manifest: pa.Table, packs_per_shard: int, tokens: str) -> None:
+    """Write the manifest shards into ``out/packs`` (the engine swaps it in when done); each
+    says where its tokens are, relative to its folder, and which tokens they are."""
+    manifest = manifest.replace_schema_metadata(
+        {TOKENS_FOLDER_KEY: b"../tokens", TOKENS_IDENTITY_KEY: tokens.encode()}
+    )
     for k, start in enumerate(range(0, max(len(manifest), 1), packs_per_shard)):
         write_parquet_atomic(
             manifest.slice(start, packs_per_shard), out / "packs" / f"part-{k:05d}.parquet"
@@ -255,18 +310,15 @@ OUTCOME_SCHEMA = pa.schema(
 )
 
 
-def _outcomes(fits: pa.Table, copies_of: np.ndarray, truncated_ids: set[str]) -> pa.Table:
-    ids = fits.column("sample_id").to_pylist()
-    return pa.table(
-        {
-            "sample_id": ids,
-            "dataset": fits.column("dataset"),
-            "line": fits.column("line"),
-            "copies": pa.array(copies_of.astype(np.int32)),
-            "truncated": [i in truncated_ids for i in ids],
-        },
-        schema=OUTCOME_SCHEMA,
+def _outcomes(fits: pl.DataFrame, copies_of: np.ndarray, truncated_ids: set[str]) -> pa.Table:
+    out = fits.select(
+        "sample_id",
+        "dataset",
+        "line",
+        copies=pl.Series(copies_of.astype(np.int32)),
+        truncated=pl.col("sample_id").is_in(list(truncated_ids)),
     )
+    return out.to_arrow().cast(OUTCOME_SCHEMA)
 
 
 class PackStage(GlobalStage):
@@ -306,26 +358,37 @@ class PackStage(GlobalStage):
 
 def run_pack(inp: GlobalInput, cfg: PackConfig, tokenizer: str | Path):
     """Select, cap, pack and write the manifest; returns the report, outcomes and ledger."""
-    tok = cached_tokenizer(str(tokenizer))
-    special = (tok.convert_tokens_to_ids(IMG_START), tok.convert_tokens_to_ids(IMG_END))
+    special = _special_ids(tokenizer)
     eligible, status = _eligible_tokens(inp)
-    fits, entries, truncated_ids = _apply_caps(eligible, cfg, special)
+    fits, entries, truncated_ids = _apply_caps(inp.run, eligible, cfg, special)
     rows, copies_of = _expand_copies(inp.run, fits)
-    copies = fits.take(pa.array(rows))
-    n_tok = copies.column("n_tokens").to_numpy().astype(np.int64)
-    n_til = copies.column("tiles").to_numpy().astype(np.int64)
+    copies = fits[rows] if len(rows) else fits.clear()
+    n_tok = copies["n_tokens"].to_numpy().astype(np.int64)
+    n_til = copies["tiles"].to_numpy().astype(np.int64)
     packs = assign_packs(n_tok, n_til, cfg)
     costs = COST_MODELS[cfg.cost_model].pack_costs(*pack_shapes(packs, n_tok, n_til))
     balance = rank_balance(costs, cfg.seed)
     if cfg.balance_ranks:
         order = balanced_order(costs, cfg.balance_ranks, cfg.seed)
         packs, costs = [packs[i] for i in order], costs[order]
-    manifest = build_manifest(copies, packs).append_column("cost_flops", pa.array(costs))
-    _write_packs(inp.out, manifest, cfg.packs_per_shard)
+    manifest = build_manifest(copies, packs, costs)
+    _write_packs(inp.out, manifest, cfg.packs_per_shard, tokens_identity(inp.run))
     packed = _packed_samples(manifest)
     report = _report(cfg, status, eligible, entries, truncated_ids, packed, n_tok, n_til, packs)
     report.rank_balance = balance
     return report, _outcomes(fits, copies_of, truncated_ids), entries
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    start: int  # <img>
+    end: int  # </img>
+    context: int  # <IMG_CONTEXT>
+
+
+def _special_ids(tokenizer: str | Path) -> SpecialIds:
+    tok = cached_tokenizer(str(tokenizer))
+    return SpecialIds(*(tok.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)))
 
 
 def rank_balance(costs: np.ndarray, seed: int) -> dict[str, dict[str, dict[str, float]]]:

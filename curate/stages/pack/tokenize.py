@@ -2,8 +2,10 @@
 
 Each sample goes through the ``internvl2_5`` template with every ``<image>`` expanded to
 ``<img>`` + ``<IMG_CONTEXT>`` x 256·tiles + ``</img>`` using the grids the budget chose, and
-gets InternVL's labels (answers and their ``<|im_end|>`` only). Review decisions do not affect
-this step, so changing a decision later re-packs without re-tokenising.
+gets InternVL's labels (answers and their ``<|im_end|>`` only). Rows are stored compact: the
+context runs are cut out and recorded as (position, length) (``curate.stages.pack.store``);
+``n_tokens`` counts the full sequence. Review decisions do not affect this step, so changing a
+decision later re-packs without re-tokenising.
 
 No image reaches training unverified: when no filter stage decodes pixels (a pipeline without
 ``filter``, or ``decode_images: false``), this stage decodes every image once per shard and
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.core.chat import IGNORE_INDEX, BatchTokenizer, ChatSample
+from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, BatchTokenizer, ChatSample
 from curate.core.folder import RunFolder
 from curate.core.images import decode_error
 from curate.core.io import path_identity
@@ -25,6 +27,7 @@ from curate.core.stage import ShardInput, ShardOutput, ShardStage, cpu_workers
 from curate.stages.budget.stage import cached_batch_tokenizer
 from curate.stages.budget.tiling import tokens_per_tile
 from curate.stages.pack.config import PackConfig
+from curate.stages.pack.store import TOKENS_ROW_GROUP_ROWS, compact
 
 STAGE = "tokenize"
 TOKEN_IMAGE_TYPE = pa.struct(
@@ -41,9 +44,11 @@ TOKENS_SCHEMA = pa.schema(
         ("sample_id", pa.string()),
         ("dataset", pa.string()),
         ("line", pa.int64()),
-        ("input_ids", pa.list_(pa.int32())),
+        ("input_ids", pa.list_(pa.int32())),  # compact: without the image context runs
         ("labels", pa.list_(pa.int32())),
-        ("n_tokens", pa.int32()),
+        ("context_at", pa.list_(pa.int32())),  # where each cut context run goes back
+        ("context_len", pa.list_(pa.int32())),  # its length (256 per tile)
+        ("n_tokens", pa.int32()),  # the full sequence's, context runs included
         ("n_supervised", pa.int32()),
         ("tiles", pa.int32()),
         ("images", pa.list_(TOKEN_IMAGE_TYPE)),  # in token order (video: the sampled frames)
@@ -63,8 +68,16 @@ def chat_sample(sample: dict, budget: dict, *, system_prompt: str | None, per_ti
     )
 
 
-def token_row(sample: dict, budget: dict, ids: list[int], labels: list[int], augment: bool):
-    """One sample's training row: ids, labels, counts and the images with their grids."""
+def token_row(
+    sample: dict,
+    budget: dict,
+    ids: list[int],
+    labels: list[int],
+    augment: bool,
+    context_id: int | None = None,
+):
+    """One sample's training row: ids, labels, counts and the images with their grids; compact
+    (context runs cut out, see ``curate.stages.pack.store``) when ``context_id`` is given."""
     grids = budget["grids"]
     if sample["kind"] == "video":
         sources = [sample["images"][i] for i in budget["frame_indices"]]
@@ -74,14 +87,21 @@ def token_row(sample: dict, budget: dict, ids: list[int], labels: list[int], aug
         {"path": im["path"], **g, "data_augment": augment}
         for im, g in zip(sources, grids, strict=True)
     ]
+    n_tokens = len(ids)
+    n_supervised = sum(label != IGNORE_INDEX for label in labels)
+    at = length = []
+    if context_id is not None:
+        ids, labels, at, length = compact(ids, labels, context_id)
     return {
         "sample_id": sample["sample_id"],
         "dataset": sample["dataset"],
         "line": sample["line"],
         "input_ids": ids,
         "labels": labels,
-        "n_tokens": len(ids),
-        "n_supervised": sum(label != IGNORE_INDEX for label in labels),
+        "context_at": at,
+        "context_len": length,
+        "n_tokens": n_tokens,
+        "n_supervised": n_supervised,
         "tiles": sum(g["cols"] * g["rows"] + int(g["thumbnail"]) for g in grids),
         "images": images,
     }
@@ -95,16 +115,26 @@ def tokenize_rows(
     augment: dict[str, bool],
     system_prompt: str | None,
     per_tile: int = 256,
+    compact_context: bool = False,
+    chunk_samples: int = 2048,
 ) -> list[dict]:
-    """Training rows of a shard's samples, the text of all of them tokenised at once."""
-    chats = [
-        chat_sample(s, budgets[s["sample_id"]], system_prompt=system_prompt, per_tile=per_tile)
-        for s in samples
-    ]
-    return [
-        token_row(s, budgets[s["sample_id"]], ids, labels, augment[s["dataset"]])
-        for s, (ids, labels) in zip(samples, tokenizer(chats), strict=True)
-    ]
+    """Training rows of a shard's samples, ``chunk_samples`` tokenised at once (each chunk's
+    full ids are compacted before the next one is made, so a shard never holds them all)."""
+    context_id = None
+    if compact_context:
+        context_id = tokenizer.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    rows = []
+    for start in range(0, len(samples), chunk_samples):
+        chunk = samples[start : start + chunk_samples]
+        chats = [
+            chat_sample(s, budgets[s["sample_id"]], system_prompt=system_prompt, per_tile=per_tile)
+            for s in chunk
+        ]
+        rows += [
+            token_row(s, budgets[s["sample_id"]], ids, labels, augment[s["dataset"]], context_id)
+            for s, (ids, labels) in zip(chunk, tokenizer(chats), strict=True)
+        ]
+    return rows
 
 
 class TokenizeStage(ShardStage):
@@ -112,6 +142,7 @@ class TokenizeStage(ShardStage):
 
     name = STAGE
     reads = ("ingest", "budget")
+    row_group_rows = TOKENS_ROW_GROUP_ROWS  # the trainer reads single rows back
 
     def __init__(
         self,
@@ -137,6 +168,7 @@ class TokenizeStage(ShardStage):
             "tokenizer": path_identity(self.tokenizer),
             "image_size": self.image_size,
             "verify_images": self.verify_images,
+            "layout": "compact",  # rows written before context runs were cut are redone
         }
 
     def extra_inputs(self, run: RunFolder) -> dict[str, str]:
@@ -159,6 +191,7 @@ class TokenizeStage(ShardStage):
             augment=self.augment,
             system_prompt=self.config.system_prompt,
             per_tile=tokens_per_tile(self.image_size),
+            compact_context=True,
         )
         entries = unreadable_entries(rows) if self.verify_images else []
         rejected = {e.sample_id for e in entries}

@@ -1,4 +1,8 @@
-"""Pack manifests (``packs/*.parquet``, PACK_SCHEMA) → training micro-batches.
+"""Pack manifests (``packs/*.parquet``) → training micro-batches.
+
+A reference manifest (what ``curate pack`` writes) names each sample's ``tokens/`` row; the
+ids are read from the tokens store and their image context runs put back here. An inline
+manifest (PACK_SCHEMA) carries them.
 
 Each image's tiles are rebuilt exactly from the grid recorded in the manifest with the budget's
 ``crop_tiles`` (same resize, row-major crops, thumbnail last), so the tile count matches the
@@ -25,12 +29,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from curate.core.chat import IGNORE_INDEX
 from curate.core.io import read_parquet_files
 from curate.stages.budget.tiling import crop_tiles
-from curate.stages.pack.manifest import PACK_SCHEMA, tiles_of
+from curate.stages.pack.manifest import (
+    PACK_SCHEMA,
+    REF_PACK_SCHEMA,
+    TOKENS_FOLDER_KEY,
+    is_reference,
+    tiles_of,
+)
+from curate.stages.pack.store import TokenStore, resolve_pack
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,16 +51,38 @@ LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
 def read_packs(packs_dir: str | Path) -> pa.Table:
-    """All pack shards of a folder, sorted by pack_id (which must be unique)."""
-    files = sorted(Path(packs_dir).glob("*.parquet"))
+    """All pack shards of a folder, sorted by pack_id (which must be unique).
+
+    A reference manifest (what ``curate pack`` writes) comes back with its tokens folder,
+    resolved, in the table's schema metadata; :class:`PackBatches` reads the ids from there.
+    """
+    files = sorted(p for p in Path(packs_dir).glob("*.parquet") if not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"no pack shards (*.parquet) in {packs_dir}")
-    table = read_parquet_files(files).select(PACK_SCHEMA.names).cast(PACK_SCHEMA)
+    first = pq.read_schema(files[0])
+    schema = REF_PACK_SCHEMA.remove(REF_PACK_SCHEMA.get_field_index("cost_flops"))
+    if not is_reference(first):
+        schema = PACK_SCHEMA
+    table = read_parquet_files(files).select(schema.names).cast(schema)
     table = table.sort_by("pack_id")
     ids = table.column("pack_id").to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{packs_dir}: duplicate pack_id values")
+    if is_reference(first):
+        relative = (first.metadata or {}).get(TOKENS_FOLDER_KEY, b"../tokens").decode()
+        folder = (Path(packs_dir) / relative).resolve()
+        table = table.replace_schema_metadata({TOKENS_FOLDER_KEY: str(folder).encode()})
     return table
+
+
+def token_store(table: pa.Table) -> TokenStore | None:
+    """The tokens store a reference manifest reads from; None for an inline manifest."""
+    if not is_reference(table.schema):
+        return None
+    folder = (table.schema.metadata or {}).get(TOKENS_FOLDER_KEY)
+    if folder is None:
+        raise ValueError("a reference manifest without its tokens folder: use read_packs")
+    return TokenStore(folder.decode())
 
 
 def loss_weight(supervised: int | np.ndarray, reduction: str) -> np.ndarray:
@@ -210,6 +244,7 @@ class PackBatches:
         self.root = root
         self.augment = augment
         self.pack_sums = pack_weight_sums(table, reduction)
+        self.store = token_store(table)
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.layout.accum
@@ -256,15 +291,29 @@ class PackBatches:
             "skipped": [x for p in parts for x in p["skipped"]],
         }
 
+    def _inline(self, i: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """ids, labels and images of pack row i of an inline manifest."""
+        t = self.table
+        ids = t.column("input_ids")[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
+        labels = t.column("labels")[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
+        return ids, labels, t.column("images")[i].as_py()
+
+    def _referenced(self, i: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """ids, labels and images of pack row i of a reference manifest (the tokens store)."""
+        columns = ("pack_id", "sample_ids", "token_shards", "token_rows", "seq_lens")
+        row = {c: self.table.column(c)[i].as_py() for c in (*columns, "image_counts")}
+        return resolve_pack(self.store, row, self.image_token_id)
+
     def load_pack(self, i: int, epoch: int) -> dict:
         """One pack's arrays, tiles and per-token weights (validated against the manifest)."""
         t = self.table
         pack_id = int(t.column("pack_id")[i].as_py())
-        ids = t.column("input_ids")[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
-        labels = t.column("labels")[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
+        if self.store is None:
+            ids, labels, images = self._inline(i)
+        else:
+            ids, labels, images = self._referenced(i)
         seq_lens = np.asarray(t.column("seq_lens")[i].as_py(), dtype=np.int64)
         supervised = np.asarray(t.column("supervised")[i].as_py(), dtype=np.int64)
-        images = t.column("images")[i].as_py()
         sample_ids = t.column("sample_ids")[i].as_py()
         if (
             len(ids) != len(labels)

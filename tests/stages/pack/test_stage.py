@@ -19,6 +19,7 @@ from curate.stages.pack.config import PackConfig
 from curate.stages.pack.export import export_hf, export_internvl
 from curate.stages.pack.manifest import tiles_of
 from curate.stages.pack.stage import PackStage, truncate_row
+from curate.stages.pack.store import TokenStore, resolve_pack
 from curate.stages.pack.tokenize import TokenizeStage
 from tests.conftest import run_stages
 
@@ -41,6 +42,18 @@ def packed(budgeted_run, tokenizer_dir, tmp_path_factory):
 
 def _manifest(run: RunFolder) -> list[dict]:
     return run.read("packs").to_pylist()
+
+
+def _resolved(run: RunFolder, tokenizer_dir) -> list[dict]:
+    """The manifest's packs with their ids, labels and images read back from ``tokens/``, as
+    the trainer reads them."""
+    context = load_tokenizer(tokenizer_dir).convert_tokens_to_ids(IMG_CONTEXT)
+    store = TokenStore(run.path / "tokens")
+    out = []
+    for p in _manifest(run):
+        ids, labels, images = resolve_pack(store, p, context)
+        out.append({**p, "input_ids": ids.tolist(), "labels": labels.tolist(), "images": images})
+    return out
 
 
 def _packed_ids(run: RunFolder) -> set[str]:
@@ -98,7 +111,7 @@ def test_lengths_images_and_labels_agree(packed, tokenizer_dir):
     run, _ = packed
     tok = load_tokenizer(tokenizer_dir)
     ctx, start, end = (tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END))
-    for p in _manifest(run):
+    for p in _resolved(run, tokenizer_dir):
         ids = np.array(p["input_ids"])
         assert len(ids) == len(p["labels"]) == sum(p["seq_lens"]) == p["n_tokens"]
         cu = np.concatenate([[0], np.cumsum(p["seq_lens"])])
@@ -203,6 +216,22 @@ def test_truncate_mode_packs_long_samples(budgeted_run, tokenizer_dir, run_copy)
     ).report
     assert report["samples_truncated"] > 0 and report["samples_rejected"] > 0
     assert all(p["n_tokens"] <= 200 for p in _manifest(run))
+    # What the trainer reads back is truncate_row's cut of the full row, sample by sample.
+    start, end = (
+        load_tokenizer(tokenizer_dir).convert_tokens_to_ids(t) for t in (IMG_START, IMG_END)
+    )
+    full = _full_rows(run, tokenizer_dir)
+    for p in _resolved(run, tokenizer_dir):
+        cu = np.concatenate([[0], np.cumsum(p["seq_lens"])])
+        for k, sample_id in enumerate(p["sample_ids"]):
+            want = full[sample_id]
+            if p["seq_lens"][k] < want["n_tokens"]:
+                want = truncate_row(want, 200, start, end)
+            assert p["input_ids"][cu[k] : cu[k + 1]] == want["input_ids"]
+            assert p["labels"][cu[k] : cu[k + 1]] == want["labels"]
+            got = [im["path"] for im in p["images"] if im["sample_index"] == k]
+            assert got == [im["path"] for im in want["images"]]
+    assert "input_ids" not in run.read("packs").column_names  # the manifest holds no ids
     assert all(s > 0 for p in _manifest(run) for s in p["supervised"])
     # Outcome rows mark the truncated samples; they are packed, not in the ledger.
     outcomes = run.read("pack").to_pylist()
@@ -211,6 +240,49 @@ def test_truncate_mode_packs_long_samples(budgeted_run, tokenizer_dir, run_copy)
     drawn = {o["sample_id"] for o in outcomes if o["truncated"] and o["copies"] > 0}
     assert drawn and drawn <= _packed_ids(run)
     assert not truncated & {e["sample_id"] for e in run.ledger("pack").to_pylist()}
+
+
+def _full_rows(run: RunFolder, tokenizer_dir) -> dict[str, dict]:
+    """Every sample's training row with its image context runs (not compacted), made afresh."""
+    from curate.stages.budget.stage import cached_batch_tokenizer
+    from curate.stages.pack.tokenize import tokenize_rows
+
+    samples = run.read("samples").to_pylist()
+    budgets = {b["sample_id"]: b for b in run.read("budget").to_pylist()}
+    samples = [s for s in samples if s["sample_id"] in budgets]
+    augment = {s["dataset"]: False for s in samples}
+    rows = tokenize_rows(
+        samples,
+        budgets,
+        cached_batch_tokenizer(str(tokenizer_dir.resolve())),
+        augment=augment,
+        system_prompt=PackConfig(**CFG).system_prompt,
+    )
+    return {r["sample_id"]: r for r in rows}
+
+
+def test_packs_read_back_the_full_tokenisation(packed, tokenizer_dir):
+    """Each packed sample's ids and labels, read back from the compact tokens store, are the
+    template tokeniser's full output (context runs included), and its images are its own."""
+    run, _ = packed
+    full = _full_rows(run, tokenizer_dir)
+    stored = run.read("tokens", columns=["input_ids", "n_tokens"])
+    compact = sum(len(x) for x in stored.column("input_ids").to_pylist())
+    assert compact < 0.5 * sum(stored.column("n_tokens").to_pylist())  # the store is compact
+    for p in _resolved(run, tokenizer_dir):
+        cu = np.concatenate([[0], np.cumsum(p["seq_lens"])])
+        for k, sample_id in enumerate(p["sample_ids"]):
+            want = full[sample_id]
+            assert p["input_ids"][cu[k] : cu[k + 1]] == want["input_ids"]
+            assert p["labels"][cu[k] : cu[k + 1]] == want["labels"]
+            got = [
+                {f: im[f] for f in ("path", "cols", "rows", "thumbnail")}
+                for im in p["images"]
+                if im["sample_index"] == k
+            ]
+            assert got == [
+                {f: im[f] for f in ("path", "cols", "rows", "thumbnail")} for im in want["images"]
+            ]
 
 
 def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run_copy):

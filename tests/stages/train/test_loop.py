@@ -456,11 +456,15 @@ def test_image_broken_after_packing_is_skipped_with_a_ledger_row(
     from tests.conftest import run_stages
 
     run = run_copy(demo_packed_run)
-    first = sorted((run / "packs").glob("*.parquet"))[0]
-    table = pq.read_table(first)
+    # The packs name their samples' tokens rows; point one row's image at a broken copy.
+    packs = pq.read_table(sorted((run / "packs").glob("*.parquet"))[0]).to_pylist()
+    pack = next(p for p in packs if any(p["image_counts"]))
+    k = next(i for i, n in enumerate(pack["image_counts"]) if n)
+    shard = run / "tokens" / f"{pack['token_shards'][k]}.parquet"
+    table = pq.read_table(shard)
     images = table.column("images").to_pylist()
-    k = next(i for i, ims in enumerate(images) if ims)
-    original = images[k][0]["path"]
+    row = pack["token_rows"][k]
+    original = images[row][0]["path"]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(Path(original).read_bytes()[:300])
     images = [
@@ -471,7 +475,7 @@ def test_image_broken_after_packing_is_skipped_with_a_ledger_row(
     table = table.set_column(
         column, "images", pa.array(images, type=table.schema.field("images").type)
     )
-    pq.write_table(table, first)
+    pq.write_table(table, shard, row_group_size=128)
     summary = run_stages(run, _stage(tokenizer_dir, steps=4))["train"]
     assert summary.report["optimizer_steps"] == 4
     ledger = RunFolder(run).ledger("train").to_pylist()
