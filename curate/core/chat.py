@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 IMG_START = "<img>"
 IMG_END = "</img>"
@@ -155,6 +156,15 @@ class ChatSample:
         )
 
 
+class CompactIds(NamedTuple):
+    """A sample's ids and labels without its image context runs (``BatchTokenizer.compact``)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    context_at: list[int]  # where each run goes back, as a position in input_ids
+    context_len: list[int]  # its length
+
+
 class BatchTokenizer:
     """``tokenize`` for many samples at once, with exactly the same ids and labels, faster.
 
@@ -198,15 +208,32 @@ class BatchTokenizer:
             return [tokenize(self.tokenizer, s.segments()) for s in samples]
         out = []
         for start in range(0, len(samples), chunk_samples):
-            out += self._chunk(samples[start : start + chunk_samples])
+            out += [r[:2] for r in self._chunk(samples[start : start + chunk_samples], False)]
         return out
 
-    def _chunk(self, samples: Sequence[ChatSample]) -> list[tuple[list[int], list[int]]]:
+    def compact(
+        self, samples: Sequence[ChatSample], chunk_samples: int = 2048
+    ) -> list[CompactIds] | None:
+        """Each sample's ids and labels without its images' ``<IMG_CONTEXT>`` runs, and where
+        those runs go (positions in the compact ids) and their lengths: the same sequence as
+        ``__call__``'s, never built in full. Every image has its place recorded, even at 0
+        tokens, so ids made with 0 context tokens per image (the budget's) serve any grid.
+        None when this tokenizer is not ``exact``."""
+        if not self.exact:
+            return None
+        out = []
+        for start in range(0, len(samples), chunk_samples):
+            out += [
+                CompactIds(*r) for r in self._chunk(samples[start : start + chunk_samples], True)
+            ]
+        return out
+
+    def _chunk(self, samples: Sequence[ChatSample], compact: bool) -> list[tuple]:
         split = [[(role, self._split_parts(ps)) for role, ps in s.parts()] for s in samples]
         pieces = list({p for sample in split for _, ps in sample for p in ps if isinstance(p, str)})
         encoded = dict(zip(pieces, self._encode(pieces), strict=True))
         return [
-            self._assemble(segs, s.image_token_counts, encoded)
+            self._assemble(segs, s.image_token_counts, encoded, compact)
             for s, segs in zip(samples, split, strict=True)
         ]
 
@@ -228,16 +255,28 @@ class BatchTokenizer:
     def _encode(self, pieces: list[str]) -> list[list[int]]:
         return self.tokenizer(pieces, add_special_tokens=False).input_ids if pieces else []
 
-    def _assemble(self, segs, counts: Sequence[int], encoded) -> tuple[list[int], list[int]]:
+    def _assemble(self, segs, counts: Sequence[int], encoded, compact: bool = False) -> tuple:
+        """(ids, labels, context_at, context_len); compact: the image context runs are left
+        out and recorded (an image is only ever in a turn whose labels are ignored, so they
+        would have been ignored labels)."""
         start, context, end = self._image_ids
         images = iter(counts)
         input_ids: list[int] = []
         labels: list[int] = []
+        context_at: list[int] = []
+        context_len: list[int] = []
         for role, parts in segs:
             ids = list(self._head)
             for p in parts:
                 if p is None:
-                    ids += [start, *[context] * next(images), end]
+                    n = next(images)
+                    if compact and role != "gpt":
+                        ids.append(start)
+                        context_at.append(len(input_ids) + len(ids))
+                        context_len.append(n)
+                        ids.append(end)
+                    else:
+                        ids += [start, *[context] * n, end]
                 elif isinstance(p, str):
                     ids += encoded[p]
                 else:
@@ -250,7 +289,7 @@ class BatchTokenizer:
                 labels.append(IGNORE_INDEX)
             else:
                 labels += [IGNORE_INDEX] * len(ids)
-        return input_ids, labels
+        return input_ids, labels, context_at, context_len
 
     def _agrees_with_tokenize(self) -> bool:
         checks = [

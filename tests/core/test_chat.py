@@ -151,6 +151,30 @@ def test_batch_tokenizer_equals_tokenize(batch_tokenizer, samples):
     assert got == want
 
 
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(chat_samples(), min_size=1, max_size=6))
+def test_compact_ids_expand_to_tokenize(batch_tokenizer, samples):
+    """The compact form (image context runs left out, their places recorded) puts back to
+    exactly tokenize's ids and labels, whatever the text holds (typed <img>, <IMG_CONTEXT>)."""
+    from curate.stages.pack.store import expand
+
+    valid = []
+    for s in samples:
+        try:
+            s.segments()
+        except ValueError:
+            continue
+        valid.append(s)
+    context = batch_tokenizer.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for s, c in zip(valid, batch_tokenizer.compact(valid), strict=True):
+        ids, labels = expand(c.input_ids, c.labels, c.context_at, c.context_len, context)
+        want_ids, want_labels = tokenize(batch_tokenizer.tokenizer, s.segments())
+        assert (ids.tolist(), labels.tolist()) == (want_ids, want_labels)
+        assert len(c.input_ids) == len(want_ids) - sum(c.context_len)
+
+
 def test_batch_tokenizer_golden(batch_tokenizer):
     sample = ChatSample(TURNS, [2, 1], system_prompt="You are a helpful assistant.")
     ((ids, labels),) = batch_tokenizer([sample])

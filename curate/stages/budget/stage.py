@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate.core.chat import BatchTokenizer, ChatSample
+from curate.core.chat import BatchTokenizer, ChatSample, CompactIds
 from curate.core.folder import RunFolder
 from curate.core.io import path_identity, write_json_atomic, write_parquet_atomic
 from curate.core.stage import (
@@ -49,8 +50,15 @@ BUDGET_SCHEMA = pa.schema(
         ("visual_tokens", pa.int32()),  # 256 per tile + <img></img> per image
         ("text_tokens", pa.int32()),
         ("total_tokens", pa.int32()),
+        # The template tokeniser's ids and labels with no image context tokens, and where each
+        # image's run goes: the tokenize stage adds the runs at these grids instead of
+        # tokenising the text again. Null when the tokenizer needs per-sample tokenising.
+        ("text_ids", pa.list_(pa.int32())),
+        ("text_labels", pa.list_(pa.int32())),
+        ("image_slots", pa.list_(pa.int32())),
     ]
 )
+TOKEN_COLUMNS = ("text_ids", "text_labels", "image_slots")  # what only tokenize reads
 COPIES_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("dataset", pa.string()), ("copies", pa.int32())]
 )
@@ -131,10 +139,17 @@ def budget_rows(
                 "visual_tokens": per_tile * tiles + 2 * len(grids),
             }
         )
-    lengths = [len(ids) for ids, _ in tokenizer(chats)]
-    for r, n in zip(out, lengths, strict=True):
-        r["text_tokens"] = n - 2 * r["n_images"]  # <img></img> counted as visual
+    compact = tokenizer.compact(chats)
+    reusable = compact is not None
+    if not reusable:  # per-sample tokenising: no image slots to record, lengths only
+        compact = [CompactIds(ids, [], [], []) for ids, _ in tokenizer(chats)]
+    for r, c in zip(out, compact, strict=True):
+        r["text_tokens"] = len(c.input_ids) - 2 * r["n_images"]  # <img></img> counted as visual
         r["total_tokens"] = r["text_tokens"] + r["visual_tokens"]
+        if reusable:
+            r["text_ids"] = np.asarray(c.input_ids, dtype=np.int32)
+            r["text_labels"] = np.asarray(c.labels, dtype=np.int32)
+            r["image_slots"] = c.context_at
     return out
 
 
@@ -264,7 +279,9 @@ def budget_table(
     """Per-dataset totals: samples kept/rejected, images, tiles, tokens, r, effective tokens,
     and each dataset's share of the effective tokens before (``before``: the copies at the
     meta JSON's repeat_time) and after (``copies``) the mixture solver."""
-    costs = pl.from_arrow(run.read("budget", schema=BUDGET_SCHEMA).drop(["grids", "frame_indices"]))
+    columns = [c for c in BUDGET_SCHEMA.names if c not in TOKEN_COLUMNS]
+    costs = pl.from_arrow(run.read("budget", columns=columns, schema=BUDGET_SCHEMA))
+    costs = costs.drop(["grids", "frame_indices"])
     share_before = _shares(costs, copies if before is None else before)
     share_after = _shares(costs, copies)
     df = costs.join(copies.select("sample_id", "copies"), on="sample_id", how="left")

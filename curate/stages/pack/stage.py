@@ -16,6 +16,7 @@ Its rows (``pack/all.parquet``) say how many copies of each kept sample were pac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,15 +191,15 @@ def _over_cap_entry(row: dict, cfg: PackConfig) -> LedgerEntry:
     )
 
 
-def _apply_caps(run: RunFolder, sizes: pl.DataFrame, cfg: PackConfig, special):
+def _apply_caps(run: RunFolder, sizes: pl.DataFrame, cfg: PackConfig, tokenizer: str | Path):
     """The rows that fit (truncated ones with their cut sizes, in place) and ledger entries for
-    the rest."""
+    the rest. The tokenizer is loaded only to truncate (packing itself needs no ids)."""
     over = (pl.col("n_tokens") > cfg.max_tokens) | (pl.col("tiles") > cfg.max_tiles)
     sizes = sizes.with_row_index("_i")
     entries, cut_rows = [], []
     for row in sizes.filter(over).iter_rows(named=True):
         if cfg.over_cap == "truncate" and row["tiles"] <= cfg.max_tiles:
-            cut = _truncated_sizes(run, row, cfg.max_tokens, special)
+            cut = _truncated_sizes(run, row, cfg.max_tokens, _special_ids(tokenizer))
             if cut is not None:
                 cut_rows.append(cut)
                 continue
@@ -358,9 +359,8 @@ class PackStage(GlobalStage):
 
 def run_pack(inp: GlobalInput, cfg: PackConfig, tokenizer: str | Path):
     """Select, cap, pack and write the manifest; returns the report, outcomes and ledger."""
-    special = _special_ids(tokenizer)
     eligible, status = _eligible_tokens(inp)
-    fits, entries, truncated_ids = _apply_caps(inp.run, eligible, cfg, special)
+    fits, entries, truncated_ids = _apply_caps(inp.run, eligible, cfg, tokenizer)
     rows, copies_of = _expand_copies(inp.run, fits)
     copies = fits[rows] if len(rows) else fits.clear()
     n_tok = copies["n_tokens"].to_numpy().astype(np.int64)
@@ -386,6 +386,7 @@ class SpecialIds:
     context: int  # <IMG_CONTEXT>
 
 
+@functools.cache
 def _special_ids(tokenizer: str | Path) -> SpecialIds:
     tok = cached_tokenizer(str(tokenizer))
     return SpecialIds(*(tok.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)))

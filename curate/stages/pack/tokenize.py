@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, BatchTokenizer, ChatSample
+from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, BatchTokenizer, ChatSample, CompactIds
 from curate.core.folder import RunFolder
 from curate.core.images import decode_error
 from curate.core.io import path_identity
@@ -68,16 +69,9 @@ def chat_sample(sample: dict, budget: dict, *, system_prompt: str | None, per_ti
     )
 
 
-def token_row(
-    sample: dict,
-    budget: dict,
-    ids: list[int],
-    labels: list[int],
-    augment: bool,
-    context_id: int | None = None,
-):
-    """One sample's training row: ids, labels, counts and the images with their grids; compact
-    (context runs cut out, see ``curate.stages.pack.store``) when ``context_id`` is given."""
+def token_row(sample: dict, budget: dict, tokens: CompactIds, augment: bool) -> dict:
+    """One sample's training row: ids and labels (compact when ``tokens`` is), counts and the
+    images with their grids."""
     grids = budget["grids"]
     if sample["kind"] == "video":
         sources = [sample["images"][i] for i in budget["frame_indices"]]
@@ -87,21 +81,18 @@ def token_row(
         {"path": im["path"], **g, "data_augment": augment}
         for im, g in zip(sources, grids, strict=True)
     ]
-    n_tokens = len(ids)
-    n_supervised = sum(label != IGNORE_INDEX for label in labels)
-    at = length = []
-    if context_id is not None:
-        ids, labels, at, length = compact(ids, labels, context_id)
+    labels = np.asarray(tokens.labels, dtype=np.int32)
     return {
         "sample_id": sample["sample_id"],
         "dataset": sample["dataset"],
         "line": sample["line"],
-        "input_ids": ids,
+        "input_ids": np.asarray(tokens.input_ids, dtype=np.int32),
         "labels": labels,
-        "context_at": at,
-        "context_len": length,
-        "n_tokens": n_tokens,
-        "n_supervised": n_supervised,
+        "context_at": tokens.context_at,
+        "context_len": tokens.context_len,
+        "n_tokens": len(tokens.input_ids) + sum(tokens.context_len),
+        # cut context runs are never trained: the compact labels hold every trained token
+        "n_supervised": int(np.count_nonzero(labels != IGNORE_INDEX)),
         "tiles": sum(g["cols"] * g["rows"] + int(g["thumbnail"]) for g in grids),
         "images": images,
     }
@@ -118,11 +109,9 @@ def tokenize_rows(
     compact_context: bool = False,
     chunk_samples: int = 2048,
 ) -> list[dict]:
-    """Training rows of a shard's samples, ``chunk_samples`` tokenised at once (each chunk's
-    full ids are compacted before the next one is made, so a shard never holds them all)."""
-    context_id = None
-    if compact_context:
-        context_id = tokenizer.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    """Training rows of a shard's samples, ``chunk_samples`` tokenised at once. Compact (image
+    context runs left out and recorded, ``curate.stages.pack.store``): built so by the batch
+    tokeniser, or cut out of the full ids where it falls back to per-sample tokenising."""
     rows = []
     for start in range(0, len(samples), chunk_samples):
         chunk = samples[start : start + chunk_samples]
@@ -131,9 +120,40 @@ def tokenize_rows(
             for s in chunk
         ]
         rows += [
-            token_row(s, budgets[s["sample_id"]], ids, labels, augment[s["dataset"]], context_id)
-            for s, (ids, labels) in zip(chunk, tokenizer(chats), strict=True)
+            token_row(s, budgets[s["sample_id"]], tokens, augment[s["dataset"]])
+            for s, tokens in zip(chunk, _tokens(tokenizer, chats, compact_context), strict=True)
         ]
+    return rows
+
+
+def _tokens(tokenizer: BatchTokenizer, chats: list[ChatSample], compact_context: bool):
+    if compact_context:
+        fast = tokenizer.compact(chats)
+        if fast is not None:
+            return fast
+        context_id = tokenizer.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        return [CompactIds(*compact(ids, labels, context_id)) for ids, labels in tokenizer(chats)]
+    return [CompactIds(ids, labels, [], []) for ids, labels in tokenizer(chats)]
+
+
+NOT_GIVEN = object()  # no budget stage named: tokenise the text here
+SAMPLE_COLUMNS = ["sample_id", "dataset", "line", "kind", "images"]
+
+
+def rows_from_budget(
+    samples: list[dict], budget: pa.Table, per_tile: int, augment: dict[str, bool]
+) -> list[dict]:
+    """Training rows from the budget's compact ids: each image slot gets 256·tiles context
+    tokens at the grid the budget chose; the same rows ``tokenize_rows`` makes."""
+    by_id = {s["sample_id"]: s for s in samples}
+    rows = []
+    for b in budget.to_pylist():
+        tiles = [g["cols"] * g["rows"] + int(g["thumbnail"]) for g in b["grids"]]
+        tokens = CompactIds(
+            b["text_ids"], b["text_labels"], b["image_slots"], [per_tile * t for t in tiles]
+        )
+        sample = by_id[b["sample_id"]]
+        rows.append(token_row(sample, b, tokens, augment[sample["dataset"]]))
     return rows
 
 
@@ -150,11 +170,15 @@ class TokenizeStage(ShardStage):
         tokenizer: str | Path,
         image_size: int = 448,
         verify_images: bool = True,
+        budget_system_prompt: str | None | object = NOT_GIVEN,
     ) -> None:
         super().__init__(config)
         self.tokenizer = str(Path(tokenizer).resolve())
         self.image_size = image_size
         self.verify_images = verify_images  # True when no filter stage decodes the pixels
+        # The budget tokenised the same text with the same tokenizer; under the same system
+        # prompt its ids are these samples' ids (no text is tokenised twice).
+        self.reuse_budget_ids = budget_system_prompt == config.system_prompt
         self.workers = cpu_workers(config.workers)
         self.augment: dict[str, bool] = {}
 
@@ -181,18 +205,30 @@ class TokenizeStage(ShardStage):
     def _augment(run: RunFolder) -> dict[str, bool]:
         return {name: bool(d["data_augment"]) for name, d in run.datasets().items()}
 
-    def process(self, shard: ShardInput) -> ShardOutput:
-        samples = shard.table("samples").to_pylist()
-        budgets = {b["sample_id"]: b for b in shard.table("budget").to_pylist()}
-        rows = tokenize_rows(
-            samples,
-            budgets,
-            cached_batch_tokenizer(self.tokenizer),
-            augment=self.augment,
-            system_prompt=self.config.system_prompt,
-            per_tile=tokens_per_tile(self.image_size),
-            compact_context=True,
+    def _budget_has_ids(self, budget: pa.Table) -> bool:
+        # a budget made before it kept its ids, or with a tokenizer it could not batch: none
+        return (
+            self.reuse_budget_ids
+            and "text_ids" in budget.column_names
+            and budget.column("text_ids").null_count == 0
         )
+
+    def process(self, shard: ShardInput) -> ShardOutput:
+        budget = shard.table("budget")
+        per_tile = tokens_per_tile(self.image_size)
+        if self._budget_has_ids(budget):
+            samples = shard.table("samples", columns=SAMPLE_COLUMNS).to_pylist()
+            rows = rows_from_budget(samples, budget, per_tile, self.augment)
+        else:
+            rows = tokenize_rows(
+                shard.table("samples").to_pylist(),
+                {b["sample_id"]: b for b in budget.to_pylist()},
+                cached_batch_tokenizer(self.tokenizer),
+                augment=self.augment,
+                system_prompt=self.config.system_prompt,
+                per_tile=per_tile,
+                compact_context=True,
+            )
         entries = unreadable_entries(rows) if self.verify_images else []
         rejected = {e.sample_id for e in entries}
         rows = [r for r in rows if r["sample_id"] not in rejected]

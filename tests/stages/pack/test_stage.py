@@ -13,6 +13,7 @@ import pytest
 from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, IMG_END, IMG_START
 from curate.core.folder import RunFolder
 from curate.core.io import read_json
+from curate.core.stage import ShardInput
 from curate.core.status import add_decisions
 from curate.stages.budget.stage import load_tokenizer
 from curate.stages.pack.config import PackConfig
@@ -28,7 +29,8 @@ CFG = dict(max_tokens=8192, max_tiles=40, packs_per_shard=7)
 
 def pack(run: RunFolder, cfg: PackConfig, tokenizer, respects=("filter", "score")):
     """Tokenize and pack ``run`` through the engine; returns pack's StageSummary."""
-    stages = (TokenizeStage(cfg, tokenizer), PackStage(cfg, tokenizer, respects=respects))
+    tokenize = TokenizeStage(cfg, tokenizer, budget_system_prompt=cfg.system_prompt)
+    stages = (tokenize, PackStage(cfg, tokenizer, respects=respects))
     return run_stages(run, *stages)["pack"]
 
 
@@ -258,7 +260,10 @@ def _full_rows(run: RunFolder, tokenizer_dir) -> dict[str, dict]:
         augment=augment,
         system_prompt=PackConfig(**CFG).system_prompt,
     )
-    return {r["sample_id"]: r for r in rows}
+    return {
+        r["sample_id"]: {**r, "input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
+        for r in rows
+    }
 
 
 def test_packs_read_back_the_full_tokenisation(packed, tokenizer_dir):
@@ -283,6 +288,22 @@ def test_packs_read_back_the_full_tokenisation(packed, tokenizer_dir):
             assert got == [
                 {f: im[f] for f in ("path", "cols", "rows", "thumbnail")} for im in want["images"]
             ]
+
+
+def test_tokenize_reuses_the_budget_ids_exactly(packed, tokenizer_dir, run_copy):
+    """Under the budget's system prompt, tokenize takes the budget's compact ids instead of
+    tokenising again: the same rows as tokenising afresh."""
+    run, _ = packed
+    cfg = PackConfig(**CFG)
+    reuse = TokenizeStage(cfg, tokenizer_dir, budget_system_prompt=cfg.system_prompt)
+    again = TokenizeStage(cfg, tokenizer_dir)
+    assert reuse.reuse_budget_ids and not again.reuse_budget_ids
+    for stage in (reuse, again):
+        stage.prepare(run)
+    for shard in run.shards("tokens"):
+        inp = ShardInput(str(run.path), shard, ())
+        a, b = reuse.process(inp), again.process(inp)
+        assert a.rows.equals(b.rows) and a.ledger.equals(b.ledger)
 
 
 def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run_copy):
