@@ -58,6 +58,7 @@ BUDGET_SCHEMA = pa.schema(
         ("image_slots", pa.list_(pa.int32())),
     ]
 )
+CHUNK_ROWS = 4096  # samples made Python objects at once: memory by chunk, not by shard
 TOKEN_COLUMNS = ("text_ids", "text_labels", "image_slots")  # what only tokenize reads
 COPIES_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("dataset", pa.string()), ("copies", pa.int32())]
@@ -186,10 +187,14 @@ class BudgetStage(ShardStage):
         check_weights(self.config.weights, self.datasets)  # before tokenising anything
 
     def process(self, shard: ShardInput) -> ShardOutput:
-        rows = shard.table("samples").to_pylist()
+        samples = shard.table("samples")
         tokenizer = cached_batch_tokenizer(self.tokenizer)
-        budget = budget_rows(rows, self.datasets, self.config, tokenizer)
-        return ShardOutput(pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA))
+        parts = [BUDGET_SCHEMA.empty_table()]
+        for start in range(0, samples.num_rows, CHUNK_ROWS):  # Python rows of a chunk at a time
+            rows = samples.slice(start, CHUNK_ROWS).to_pylist()
+            budget = budget_rows(rows, self.datasets, self.config, tokenizer)
+            parts.append(pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA))
+        return ShardOutput(pa.concat_tables(parts))
 
 
 class RepeatStage(GlobalStage):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.core.chat import IGNORE_INDEX, IMG_CONTEXT, BatchTokenizer, ChatSample, CompactIds
 from curate.core.folder import RunFolder
@@ -136,6 +137,7 @@ def _tokens(tokenizer: BatchTokenizer, chats: list[ChatSample], compact_context:
     return [CompactIds(ids, labels, [], []) for ids, labels in tokenizer(chats)]
 
 
+CHUNK_ROWS = 4096
 NOT_GIVEN = object()  # no budget stage named: tokenise the text here
 SAMPLE_COLUMNS = ["sample_id", "dataset", "line", "kind", "images"]
 
@@ -214,25 +216,40 @@ class TokenizeStage(ShardStage):
         )
 
     def process(self, shard: ShardInput) -> ShardOutput:
-        budget = shard.table("budget")
+        budget, samples = shard.table("budget"), shard.table("samples")
+        reuse = self._budget_has_ids(budget)
+        if reuse:
+            samples = samples.select(SAMPLE_COLUMNS)
+        parts, entries = [TOKENS_SCHEMA.empty_table()], []
+        for start in range(0, samples.num_rows, CHUNK_ROWS):  # Python rows of a chunk at a time
+            chunk = samples.slice(start, CHUNK_ROWS).to_pylist()
+            rows = self._rows(chunk, _budget_rows(budget, chunk), reuse)
+            bad = unreadable_entries(rows) if self.verify_images else []
+            rejected = {e.sample_id for e in bad}
+            rows = [r for r in rows if r["sample_id"] not in rejected]
+            parts.append(pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA))
+            entries += bad
+        return ShardOutput(pa.concat_tables(parts), ledger_table(entries))
+
+    def _rows(self, samples: list[dict], budget: pa.Table, reuse: bool) -> list[dict]:
         per_tile = tokens_per_tile(self.image_size)
-        if self._budget_has_ids(budget):
-            samples = shard.table("samples", columns=SAMPLE_COLUMNS).to_pylist()
-            rows = rows_from_budget(samples, budget, per_tile, self.augment)
-        else:
-            rows = tokenize_rows(
-                shard.table("samples").to_pylist(),
-                {b["sample_id"]: b for b in budget.to_pylist()},
-                cached_batch_tokenizer(self.tokenizer),
-                augment=self.augment,
-                system_prompt=self.config.system_prompt,
-                per_tile=per_tile,
-                compact_context=True,
-            )
-        entries = unreadable_entries(rows) if self.verify_images else []
-        rejected = {e.sample_id for e in entries}
-        rows = [r for r in rows if r["sample_id"] not in rejected]
-        return ShardOutput(pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA), ledger_table(entries))
+        if reuse:
+            return rows_from_budget(samples, budget, per_tile, self.augment)
+        return tokenize_rows(
+            samples,
+            {b["sample_id"]: b for b in budget.to_pylist()},
+            cached_batch_tokenizer(self.tokenizer),
+            augment=self.augment,
+            system_prompt=self.config.system_prompt,
+            per_tile=per_tile,
+            compact_context=True,
+        )
+
+
+def _budget_rows(budget: pa.Table, samples: list[dict]) -> pa.Table:
+    """The budget rows of these samples."""
+    ids = pa.array([s["sample_id"] for s in samples])
+    return budget.filter(pc.is_in(budget.column("sample_id"), value_set=ids))
 
 
 def unreadable_entries(rows: list[dict]) -> list[LedgerEntry]:
