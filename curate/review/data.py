@@ -17,13 +17,13 @@ import re
 from dataclasses import dataclass, fields
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from curate.core.errors import CurateError
 from curate.core.folder import RunFolder
 from curate.core.status import decisions_path, load_decisions, status_of
 from curate.stages.report.html import card_context, prob_chart
 from curate.stages.report.lessons import Lessons, judge_decisions, lessons
+from curate.stages.report.rows import read_rows
 from curate.stages.report.tables import STAGE_ORDER, dataset_roots
 
 SAMPLE_COLUMNS = ["sample_id", "dataset", "line", "domain", "kind", "conversations", "images"]
@@ -108,22 +108,6 @@ def _stage_rank(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 
 
-def _read_rows(run: RunFolder, table: str, ids: pl.Series, columns: list[str]) -> pl.DataFrame:
-    """Rows of ``table`` for ``ids`` (the columns each shard has), or an empty frame."""
-    frames = []
-    for shard in run.shards(table):
-        path = run.shard_path(table, shard)
-        have = [c for c in columns if c in pq.read_schema(path).names]
-        if "sample_id" not in have:
-            continue
-        wanted = pl.col("sample_id").is_in(ids.to_list())
-        scan = pl.scan_parquet(path).select(have).filter(wanted)
-        frames.append(scan.collect())
-    if not frames:
-        return pl.DataFrame({"sample_id": pl.Series([], dtype=pl.String)})
-    return pl.concat(frames, how="diagonal_relaxed")
-
-
 class ReviewData:
     """A run folder's review material (see the module docstring)."""
 
@@ -162,7 +146,7 @@ class ReviewData:
         self.roots = dataset_roots(run)
         ledger = pl.from_arrow(run.ledger()).filter(pl.col("stage") != "ingest")
         ids = ledger["sample_id"].unique()
-        self.samples = _read_rows(run, "samples", ids, SAMPLE_COLUMNS)
+        self.samples = read_rows(run, "samples", ids, SAMPLE_COLUMNS)
         # The ledger with each row's domain and pipeline rank, for filtering and sorting.
         domains = self.samples.select("sample_id", "domain") if "domain" in self.samples else None
         if domains is None:
@@ -173,8 +157,8 @@ class ReviewData:
         self.ledger = ledger.with_columns(
             rank=pl.col("stage").replace_strict(rank, default=len(rank), return_dtype=pl.Int32)
         ).sort("rank", "rule", "dataset", "line")
-        self.scores = _read_rows(run, "scores", ids, SCORE_COLUMNS)
-        self.grids = dict(_read_rows(run, "budget", ids, ["sample_id", "grids"]).iter_rows())
+        self.scores = read_rows(run, "scores", ids, SCORE_COLUMNS)
+        self.grids = dict(read_rows(run, "budget", ids, ["sample_id", "grids"]).iter_rows())
         self.judge = judge_decisions(run)
         self._decisions: pl.DataFrame | None = None
         self._stamp: tuple | None = None
@@ -316,7 +300,7 @@ class ReviewData:
         if hit.height:
             return hit.row(0, named=True)
         if sample_id not in self._extra:
-            rows = _read_rows(self.run, "samples", pl.Series([sample_id]), SAMPLE_COLUMNS)
+            rows = read_rows(self.run, "samples", pl.Series([sample_id]), SAMPLE_COLUMNS)
             self._extra[sample_id] = rows.row(0, named=True) if rows.height else None
         return self._extra[sample_id]
 

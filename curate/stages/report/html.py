@@ -19,8 +19,12 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
+
+if TYPE_CHECKING:
+    from curate.core.folder import RunFolder
 
 # Larger files are not thumbnailed (a report must not stall on one huge image).
 MAX_THUMBNAIL_FILE_BYTES = 64 * 1024 * 1024
@@ -451,16 +455,22 @@ def cards_html(
     roots: Sequence[str | os.PathLike[str]] = (),
     limit: int = 24,
     max_side: int = 160,
+    run: RunFolder | None = None,
 ) -> str:
     """Cards of ``rejected_samples`` rows (each with its ``failures``), at most ``limit``,
-    with the card style sheet and a count of the rows not shown."""
+    with the card style sheet and a count of the rows not shown. With ``run``, the
+    conversations and images of the shown rows that lack them are read from its samples/
+    (for these rows only: ``rejected_samples`` leaves them out)."""
     rows = list(rows)
+    shown = rows[:limit]
+    if run is not None:
+        shown = _with_content(run, shown)
     cache: dict[str, str | None] = {}
     cards = [
         sample_card_html(
             r, r.get("failures") or [], roots=roots, max_side=max_side, thumbnail_cache=cache
         )
-        for r in rows[:limit]
+        for r in shown
     ]
     more = (
         f'<p class="more-cards">… and {len(rows) - limit} more not shown</p>'
@@ -468,3 +478,14 @@ def cards_html(
         else ""
     )
     return f"<style>{CARD_CSS}</style>" + "\n".join(cards) + more
+
+
+def _with_content(run: RunFolder, rows: list[dict]) -> list[dict]:
+    """``rows`` with the content columns of those that lack them, read in one pass."""
+    from curate.stages.report.rows import sample_content
+
+    missing = [r["sample_id"] for r in rows if "conversations" not in r and r.get("sample_id")]
+    if not missing:
+        return rows
+    found = {r["sample_id"]: r for r in sample_content(run, missing).to_dicts()}
+    return [{**r, **found.get(r.get("sample_id"), {})} for r in rows]

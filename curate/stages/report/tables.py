@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from curate.core.folder import RunFolder
 from curate.core.io import read_json
 from curate.core.status import load_decisions, sample_status
+from curate.stages.report.rows import CONTENT_COLUMNS, sample_content
 
 # Stages in pipeline order, to sort ledger rules the way the data flowed.
 STAGE_ORDER = (
@@ -31,16 +32,20 @@ STAGE_ORDER = (
     "pack",
 )
 
-SAMPLE_COLUMNS = (
+# What is read of every sample: a few bytes each, so the run's size, not its content, sets
+# the memory. The content (CONTENT_COLUMNS) is read only for the samples a card shows.
+SAMPLE_COLUMNS = ("sample_id", "dataset", "line", "domain", "kind")
+SCORE_COLUMNS = [
     "sample_id",
     "dataset",
-    "line",
     "domain",
-    "kind",
-    "conversations",
-    "images",
-    "video",
-)
+    *(f"{c}_{m}" for c in ("quality", "repetition") for m in ("score", "expected", "threshold")),
+    "repetition_checked",
+    "score",
+    "threshold",
+    "expected",
+    "expected_score",
+]
 
 
 @dataclass
@@ -48,12 +53,11 @@ class RunTables:
     """What a run folder holds, as polars frames (``None`` where a stage has not run)."""
 
     run: RunFolder
-    samples: pl.DataFrame
+    samples: pl.DataFrame  # SAMPLE_COLUMNS of every sample (no content: see ``with_content``)
     ledger: pl.DataFrame
     status: pl.DataFrame  # sample_id, dataset, status (keep | reject | flag), reasons
     decisions: pl.DataFrame
     budget: pl.DataFrame | None = None
-    filter: pl.DataFrame | None = None
     scores: pl.DataFrame | None = None  # score_view(): one row per sample and check
     packs: pl.DataFrame | None = None  # n_tokens, n_tiles, n_samples per pack
     stats: dict[str, dict] = field(default_factory=dict)
@@ -61,6 +65,19 @@ class RunTables:
     text_clusters: pl.DataFrame | None = None  # neardup: one row per near-duplicate cluster
     image_clusters: pl.DataFrame | None = None  # neardup: images shared by several samples
     contamination: pl.DataFrame | None = None  # decontaminate: one row per sample and match
+
+    # filter/: the filters' measures, a few dozen numbers per sample that the report does not
+    # show; read on first use (``filter``), not with the rest.
+    _filter: pl.DataFrame | None = field(default=None, repr=False)
+    _filter_read: bool = field(default=False, repr=False)
+
+    @property
+    def filter(self) -> pl.DataFrame | None:
+        """filter/ (its measures per kept or flagged sample), read on first use."""
+        if not self._filter_read:
+            self._filter = _read_optional(self.run, "filter")
+            self._filter_read = True
+        return self._filter
 
     @property
     def pack_caps(self) -> tuple[int, int] | None:
@@ -83,6 +100,10 @@ def find_run(path: str | os.PathLike[str]) -> Path:
 
 
 def _read_optional(run: RunFolder, name: str, columns: list[str] | None = None):
+    """The ``columns`` (default all) of a table, those each shard has; None without shards.
+
+    Read by polars' own reader with the projection pushed down: pyarrow's, for the same
+    columns, holds about 3x the frame's size in buffers it does not give back."""
     shards = run.shards(name)
     if not shards:
         return None
@@ -90,8 +111,8 @@ def _read_optional(run: RunFolder, name: str, columns: list[str] | None = None):
     for s in shards:
         path = run.shard_path(name, s)
         have = pq.read_schema(path).names
-        cols = None if columns is None else [c for c in columns if c in have]
-        frames.append(pl.from_arrow(pq.read_table(path, columns=cols)))
+        cols = have if columns is None else [c for c in columns if c in have]
+        frames.append(pl.scan_parquet(path).select(cols).collect())
     return pl.concat(frames, how="diagonal_relaxed")
 
 
@@ -166,13 +187,10 @@ def _read_packs(run: RunFolder) -> pl.DataFrame | None:
     files = sorted(p for p in (run.path / "packs").glob("*.parquet") if not p.name.startswith("."))
     if not files:
         return None
-    frames = [
-        pl.from_arrow(pq.read_table(p, columns=["pack_id", "sample_ids", "n_tokens", "n_tiles"]))
-        for p in files
-    ]
-    return (
-        pl.concat(frames).with_columns(n_samples=pl.col("sample_ids").list.len()).drop("sample_ids")
-    )
+    # Each pack's sample count, not its ids: the ids are as many as the samples packed.
+    n_samples = pl.col("sample_ids").list.len().alias("n_samples")
+    cols = [pl.col("pack_id", "n_tokens", "n_tiles"), n_samples]
+    return pl.concat([pl.scan_parquet(p).select(cols).collect() for p in files])
 
 
 def load_run_tables(run: str | os.PathLike[str] | RunFolder) -> RunTables:
@@ -180,7 +198,7 @@ def load_run_tables(run: str | os.PathLike[str] | RunFolder) -> RunTables:
     run = run if isinstance(run, RunFolder) else RunFolder(find_run(run))
     if not run.shards("samples"):
         raise FileNotFoundError(f"{run.path} has no samples/: run `curate ingest` first")
-    samples = pl.from_arrow(run.read("samples")).select(SAMPLE_COLUMNS)
+    samples = _read_optional(run, "samples", list(SAMPLE_COLUMNS)).select(SAMPLE_COLUMNS)
     stats = {}
     for p in sorted((run.path / "stats").glob("*.json")):
         data = read_json(p)
@@ -205,8 +223,7 @@ def load_run_tables(run: str | os.PathLike[str] | RunFolder) -> RunTables:
                 "total_tokens",
             ],
         ),
-        filter=_read_optional(run, "filter"),
-        scores=score_view(_read_optional(run, "scores")),
+        scores=score_view(_read_optional(run, "scores", SCORE_COLUMNS)),
         packs=_read_packs(run),
         stats=stats,
         roots=dataset_roots(run),
@@ -304,10 +321,10 @@ def status_counts(tables: RunTables) -> pl.DataFrame:
     )
 
 
-def _quality_scores(tables: RunTables) -> pl.DataFrame | None:
+def _quality_scores(tables: RunTables, ids: list[str]) -> pl.DataFrame | None:
     if tables.scores is None:
         return None
-    q = tables.scores.filter(pl.col("check") == "quality")
+    q = tables.scores.filter((pl.col("check") == "quality") & pl.col("sample_id").is_in(ids))
     return q.group_by("sample_id").agg(
         score=pl.col("score").first(), expected=pl.col("expected").first()
     )
@@ -322,6 +339,7 @@ def rejected_samples(
     stage: str | None = None,
     severity: str | None = None,
     status: str | None = None,
+    content: bool = False,
 ) -> pl.DataFrame:
     """Samples with at least one ledger row (rejected or flagged), one row per sample.
 
@@ -330,7 +348,9 @@ def rejected_samples(
     ``status`` (after review: keep | reject | flag). Columns: sample_id, dataset, line,
     status (reject for lines ingest rejected: they never became samples), worst (reject |
     flag), rules, failures (list of ledger rows), score, expected, ingested, and the sample
-    columns.
+    columns; with ``content``, also each sample's conversations, images and video (read for
+    the selected samples only: narrow the selection first, or add it to a few rows later with
+    ``with_content``).
     """
     tables = run if isinstance(run, RunTables) else load_run_tables(run)
     ledger = tables.ledger
@@ -358,8 +378,13 @@ def rejected_samples(
             failures=pl.struct("stage", "rule", "severity", "value", "threshold", "detail"),
         )
     )
-    out = failures.join(tables.samples.drop("line"), on=["sample_id", "dataset"], how="left").join(
-        tables.status.select("sample_id", "status"), on="sample_id", how="left"
+    # The selected samples' rows first (a filter on a small id set), then the joins: joining
+    # the run's every sample to a few thousand would hash the whole run.
+    chosen = failures["sample_id"].unique().to_list()
+    samples = tables.samples.filter(pl.col("sample_id").is_in(chosen)).drop("line")
+    states = tables.status.filter(pl.col("sample_id").is_in(chosen)).select("sample_id", "status")
+    out = failures.join(samples, on=["sample_id", "dataset"], how="left").join(
+        states, on="sample_id", how="left"
     )
     out = out.with_columns(ingested=pl.col("kind").is_not_null())
     # A line ingest rejected never became a sample: it has no status of its own, and it is
@@ -367,7 +392,7 @@ def rejected_samples(
     out = out.with_columns(
         status=pl.when(pl.col("ingested")).then(pl.col("status")).otherwise(pl.lit("reject"))
     )
-    scores = _quality_scores(tables)
+    scores = _quality_scores(tables, chosen)
     if scores is not None:
         out = out.join(scores, on="sample_id", how="left")
     else:
@@ -377,6 +402,28 @@ def rejected_samples(
         out = out.filter(value < score_below)
     if status is not None:
         out = out.filter(pl.col("status") == status)
-    return out.sort("dataset", "line", "sample_id").unique(
+    out = out.sort("dataset", "line", "sample_id").unique(
         ["sample_id", "dataset"], keep="first", maintain_order=True
     )
+    return with_content(tables, out) if content else out
+
+
+def with_content(
+    run: RunTables | RunFolder | str | os.PathLike[str], rows: pl.DataFrame
+) -> pl.DataFrame:
+    """``rows`` (with a sample_id column) with each sample's conversations, images and video,
+    read from samples/ for these ids only (null for ids that are no sample: ingest rejects)."""
+    folder = _folder(run)
+    rows = rows.drop([c for c in CONTENT_COLUMNS if c in rows.columns])
+    content = sample_content(folder, rows["sample_id"])
+    for c in CONTENT_COLUMNS:  # a shard written before a column existed lacks it
+        if c not in content.columns:
+            content = content.with_columns(pl.lit(None).alias(c))
+    content = content.select("sample_id", *CONTENT_COLUMNS)
+    return rows.join(content, on="sample_id", how="left", maintain_order="left")
+
+
+def _folder(run: RunTables | RunFolder | str | os.PathLike[str]) -> RunFolder:
+    if isinstance(run, RunTables):
+        return run.run
+    return run if isinstance(run, RunFolder) else RunFolder(find_run(run))

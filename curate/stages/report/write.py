@@ -19,6 +19,7 @@ import polars as pl
 from curate.core.folder import RunFolder
 from curate.core.io import write_bytes_atomic
 from curate.stages.report.html import CARD_CSS, fmt_number, lessons_html, sample_card_html
+from curate.stages.report.rows import sample_content
 from curate.stages.report.tables import (
     RunTables,
     contamination_by_benchmark,
@@ -306,22 +307,26 @@ def _gallery(tables: RunTables, per_rule: int, thumb_px: int, result: ReportResu
         f_rule=pl.col("failures").struct.field("rule"),
         f_severity=pl.col("failures").struct.field("severity"),
     )
-    for k, (stage, rule, severity, _) in enumerate(keys.iter_rows()):
+    per_key = []  # (label, samples, shown rows) per rule, in the gallery's order
+    for stage, rule, severity, _ in keys.iter_rows():
         members = exploded.filter(
             (pl.col("f_stage") == stage)
             & (pl.col("f_rule") == rule)
             & (pl.col("f_severity") == severity)
         ).unique("sample_id", keep="first", maintain_order=True)
-        total = len(members)
-        shown = members.head(per_rule)
+        shown = members.head(per_rule).drop("failures", "f_stage", "f_rule", "f_severity")
+        per_key.append((f"{stage} / {rule} ({severity})", len(members), shown))
+    # The content of the shown samples only (at most per_rule per rule), in one read.
+    shown_ids = [i for _, _, shown in per_key for i in shown["sample_id"]]
+    content = {r["sample_id"]: r for r in sample_content(tables.run, shown_ids).to_dicts()}
+    for k, (label, total, shown) in enumerate(per_key):
         anchor = f"g{k}"
-        label = f"{stage} / {rule} ({severity})"
         toc.append(f'<li><a href="#{anchor}">{escape(label)}</a> — {total}</li>')
         cards = []
-        for row in shown.drop("failures", "f_stage", "f_rule", "f_severity").iter_rows(named=True):
+        for row in shown.iter_rows(named=True):
             cards.append(
                 sample_card_html(
-                    row,
+                    {**row, **content.get(row["sample_id"], {})},
                     failures[row["sample_id"]],
                     roots=tables.roots,
                     max_side=thumb_px,

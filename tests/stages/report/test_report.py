@@ -88,6 +88,30 @@ def test_gallery_per_rule_with_values_and_cap(hostile_report):
     assert html.index("many_rule (flag)</a>") < html.index("char_run (reject)</a>")
 
 
+def test_report_reads_content_for_the_shown_cards_only(planted_run, tmp_path, monkeypatch):
+    """The conversations and images of the samples on cards, in one read; not every sample's
+    (which would make the report's memory grow with the run's content)."""
+    from curate.stages.report import rows
+
+    path, ids = planted_run
+    asked, read_rows = [], rows.read_rows
+
+    def spy(run, table, wanted, columns):
+        asked.append((table, sorted(wanted), list(columns)))
+        return read_rows(run, table, wanted, columns)
+
+    monkeypatch.setattr(rows, "read_rows", spy)
+    result = write_report(path, tmp_path / "r.html", per_rule=2)
+    (call,) = asked  # one read for every card
+    table, wanted, columns = call
+    assert table == "samples" and {"conversations", "images"} <= set(columns)
+    assert len(wanted) <= result.shown == sum(shown for shown, _ in result.per_rule.values())
+    assert result.per_rule["filter / many_rule (flag)"] == (2, 8)
+    assert len(set(wanted) & set(ids["many"])) == 2  # the two shown, not all eight
+    html = result.path.read_text()
+    assert all(sid in html for sid in wanted)
+
+
 def _report_pipeline(tmp_path: Path, meta: Path, **report) -> Path:
     """A pipeline file that ingests the demo as the session fixture did, then reports."""
     p = tmp_path / "report.yaml"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import polars as pl
 
 from curate.core.folder import RunFolder
+from curate.stages.report import rows as report_rows
+from curate.stages.report.rows import CONTENT_COLUMNS, read_rows
 from curate.stages.report.tables import (
     counts_by_stage_rule_dataset,
     find_run,
@@ -13,6 +15,7 @@ from curate.stages.report.tables import (
     rejected_samples,
     score_view,
     status_counts,
+    with_content,
 )
 
 
@@ -25,6 +28,35 @@ def test_load_run_tables_reads_every_stage(planted_run):
     assert t.pack_caps == (8192, 40)
     assert all(r.is_dir() for r in t.roots) and len(t.roots) == 8
     assert set(t.scores["check"]) == {"quality"}
+
+
+def test_samples_are_read_without_their_content(planted_run):
+    """Every sample's small columns only: a run of 16M samples fits in memory because the
+    conversations, images and video (≈ 3.4 kB a sample) are not among them."""
+    path, _ = planted_run
+    t = load_run_tables(path)
+    assert t.samples.columns == ["sample_id", "dataset", "line", "domain", "kind"]
+    assert not set(CONTENT_COLUMNS) & set(t.samples.columns)
+
+
+def test_with_content_reads_the_given_samples_only(planted_run, monkeypatch):
+    path, ids = planted_run
+    t = load_run_tables(path)
+    asked = []
+
+    def spy(run, table, wanted, columns):
+        asked.append((table, list(wanted)))
+        return read_rows(run, table, wanted, columns)
+
+    monkeypatch.setattr(report_rows, "read_rows", spy)
+    few = rejected_samples(t, rule="many_rule").head(3)
+    out = with_content(t, few)
+    assert asked == [("samples", few["sample_id"].to_list())]
+    assert out["sample_id"].to_list() == few["sample_id"].to_list()
+    assert all(out["conversations"].list.len() > 0)
+    assert read_rows(RunFolder(path), "samples", [], ["sample_id"]).is_empty()
+    unknown = with_content(t, pl.DataFrame({"sample_id": ["nope"]}))
+    assert unknown["conversations"].to_list() == [None]
 
 
 def test_only_samples_is_enough(ingested_run):
@@ -62,7 +94,10 @@ def test_rejected_samples_filters(planted_run):
     row = hostile.row(0, named=True)
     assert row["status"] == "reject" and row["worst"] == "reject" and row["ingested"]
     assert row["failures"][0]["value"] == 150.0 and row["failures"][0]["threshold"] == 100.0
-    assert row["conversations"] and row["images"]
+    assert "conversations" not in hostile.columns  # content only when asked for
+    with_text = rejected_samples(t, rule="char_run", content=True).row(0, named=True)
+    assert with_text["conversations"] and with_text["images"]
+    assert {k: v for k, v in with_text.items() if k not in CONTENT_COLUMNS} == row
     assert set(rejected_samples(t, score_below=7)["sample_id"]) == set(ids["low"])
     assert set(rejected_samples(t, score_below=3)["sample_id"]) == {ids["low"][0]}
     assert set(rejected_samples(t, dataset="chart_qa", rule="many_rule")["sample_id"]) == set(
