@@ -392,14 +392,21 @@ def _parquet_rows(path: str, start: int, n: int) -> list[bytes]:
     return [orjson.dumps(r, option=orjson.OPT_SORT_KEYS) for r in table.to_pylist()]
 
 
+ROWS_PER_PART = 4096
+
+
 def process_shard(task: ShardTask, options: IngestConfig) -> ShardOutput:
     """Parse one shard's lines into sample rows and ledger entries."""
     spec = task.spec
     rows: list[dict] = []
+    parts = [SAMPLE_SCHEMA.empty_table()]
     entries: list[LedgerEntry] = []
     rows_in = 0
     for line in _shard_rows(task, options.max_line_bytes):
         rows_in += 1
+        if len(rows) == ROWS_PER_PART:  # Python rows of a part at a time, the shard in Arrow
+            parts.append(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+            rows = []
         problems = _before_parsing(task, line, options.max_line_bytes)
         if problems is None:
             parsed = parse_line(
@@ -421,8 +428,8 @@ def process_shard(task: ShardTask, options: IngestConfig) -> ShardOutput:
             raw = f"{first.detail} | raw: {excerpt(line.data)}"
             line_entries[0] = replace(first, detail=raw)
         entries += line_entries
-    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    return ShardOutput(table, ledger_table(entries), rows_in=rows_in)
+    parts.append(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+    return ShardOutput(pa.concat_tables(parts), ledger_table(entries), rows_in=rows_in)
 
 
 def _before_parsing(task: ShardTask, line: _Line, max_line_bytes: int) -> list[Problem] | None:
