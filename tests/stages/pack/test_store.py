@@ -137,3 +137,14 @@ def test_resolve_pack_cuts_truncated_samples_and_names_stale_rows(store):
         resolve_pack(st_, stale, CTX)
     with pytest.raises(FileNotFoundError, match="tokens shard missing"):
         st_.row("zz", 0)
+
+
+def test_a_store_pickles_without_its_open_files(store):
+    """DataLoader workers get the store pickled: they open their own files."""
+    import pickle
+
+    st_, rows = store
+    st_.row("a", 3)
+    copy = pickle.loads(pickle.dumps(st_))
+    assert copy._files == {} and copy._groups == {}
+    assert copy.row("a", 3)["sample_id"] == rows["a"][3]["sample_id"]
