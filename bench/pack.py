@@ -17,11 +17,17 @@ seconds; then the pack and speed ratios. Both packings are checked (every index 
 `--both-caps` runs the mixtures where both caps bind instead (issue 16): the realistic and a
 single-image-only mixture at C=16384, K=48, their image answers lengthened until the load ratio
 rho = (sum tokens / C) / (sum tiles / K) is 0.9, 0.95, 1.0 and 1.05. Per mixture: the simple
-bound, the tile LP bound, the 2-D LP bound (`curate.stages.pack.bounds`, time-boxed, run after
-packing), and the gap of curate, InternVL's greedy and a plain best-fit decreasing on
-tokens / C + tiles / K to the simple and to the best bound.
+bound, the tile LP bound, the DFF bound and the 2-D LP bound (`curate.stages.pack.bounds`, the
+LP time-boxed and run after packing), and the gap of curate, InternVL's greedy and a plain
+best-fit decreasing on tokens / C + tiles / K to the simple and to the best bound.
 
-    python bench/pack.py --both-caps [--samples 1000000] [--lp-time-limit 60]
+    python bench/pack.py --both-caps [--samples 60000] [--lp-time-limit 60]
+
+`--timing` times `pack_lengths` alone on the same mixtures (CPU seconds by time.process_time,
+best of `--repeats` runs interleaved across mixtures, since the machine may be shared), with its
+gap to the simple bound:
+
+    python bench/pack.py --timing [--samples 1000000] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from curate.stages.pack.binpack import (
     pack_stats,
     tile_lp_bound,
 )
-from curate.stages.pack.bounds import vector_lp_bound
+from curate.stages.pack.bounds import dff_bound, vector_lp_bound
 from curate.stages.pack.internvl_packer import (
     IMAGE_HEAVY,
     REALISTIC,
@@ -143,6 +149,7 @@ def run_both_caps(name: str, profile: MixtureProfile, rho: float, n: int, seed: 
     tok, til = mixture_at(profile, rho, n, seed, c, k)
     simple = lower_bound(tok, til, max_tokens=c, max_tiles=k)
     tile_lp = tile_lp_bound(til, max_tiles=k)
+    dff = dff_bound(tok, til, max_tokens=c, max_tiles=k)
     rows = {}
     for label, packer in (
         ("curate", pack_lengths),
@@ -153,12 +160,22 @@ def run_both_caps(name: str, profile: MixtureProfile, rho: float, n: int, seed: 
         check(packs, tok, til, c, k)
         rows[label] = (len(packs), cpu, packs)
     lp = vector_lp_bound(
-        tok, til, max_tokens=c, max_tiles=k, time_limit_s=lp_s, packs=rows["curate"][2]
+        tok,
+        til,
+        max_tokens=c,
+        max_tiles=k,
+        time_limit_s=lp_s,
+        packs=rows["curate"][2],
+        stop_at=rows["curate"][0],
     )
-    best = max(simple, tile_lp, lp.bound)
+    bounds = {"simple": simple, "tile LP": tile_lp, "DFF": dff, "2-D LP": lp.bound}
+    kind = max(bounds, key=lambda b: bounds[b])  # ties: the first, the simpler bound
+    best = bounds[kind]
     real_rho = (tok.sum() / c) / (til.sum() / k)
     cells = [f"{name} rho {real_rho:.3f}", f"{tok.size:,}", f"{simple:,}", f"{tile_lp:,}"]
+    cells.append(f"{dff:,}")
     cells.append(f"{lp.bound:,} ({'conv.' if lp.converged else 'stopped'} {lp.seconds:.0f} s)")
+    cells.append(f"{best:,} ({kind})")
     for label in ("curate", "internvl", "bfd"):
         packs, cpu = rows[label][:2]
         cells.append(f"{packs:,} {packs / simple - 1:+.2%} / {packs / best - 1:+.2%} ({cpu:.1f} s)")
@@ -167,13 +184,44 @@ def run_both_caps(name: str, profile: MixtureProfile, rho: float, n: int, seed: 
 
 def main_both_caps(args) -> None:
     print(
-        "| mixture | samples | simple | tile LP | 2-D LP | curate: packs, over simple / over "
-        "best (CPU) | InternVL greedy | BFD tokens/C + tiles/K |"
+        "| mixture | samples | simple | tile LP | DFF | 2-D LP | best bound | curate: packs, over "
+        "simple / over best (CPU) | InternVL greedy | BFD tokens/C + tiles/K |"
     )
-    print("|---" * 8 + "|")
+    print("|---" * 10 + "|")
     for name, profile in (("realistic", REALISTIC), ("single-image", SINGLE_IMAGE)):
         for rho in BOTH_CAPS_RHO:
             run_both_caps(name, profile, rho, args.samples, args.seed, args.lp_time_limit)
+
+
+def main_timing(args) -> None:
+    """pack_lengths alone on the both-caps mixtures: best-of-N CPU seconds, gap to simple."""
+    c, k = 16384, 48
+    cases = [
+        (f"{name} rho {rho}", mixture_at(profile, rho, args.samples, args.seed, c, k))
+        for name, profile in (("realistic", REALISTIC), ("single-image", SINGLE_IMAGE))
+        for rho in BOTH_CAPS_RHO
+    ]
+    best: dict[str, float] = {}
+    packs_of: dict[str, int] = {}
+    for _ in range(args.repeats):  # interleaved: a burst of load hits one run of each, not all
+        for label, (tok, til) in cases:
+            packs, _, cpu = timed(pack_lengths, tok, til, c, k)
+            check(packs, tok, til, c, k)
+            best[label] = min(best.get(label, float("inf")), cpu)
+            packs_of[label] = len(packs)
+    print(
+        "| mixture | samples | simple bound | curate packs | over simple | CPU s (best of "
+        f"{args.repeats}) |"
+    )
+    print("|---" * 6 + "|")
+    for label, (tok, til) in cases:
+        simple = lower_bound(tok, til, max_tokens=c, max_tiles=k)
+        packs = packs_of[label]
+        print(
+            f"| {label} | {tok.size:,} | {simple:,} | {packs:,} | {packs / simple - 1:+.2%} | "
+            f"{best[label]:.2f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -183,10 +231,15 @@ def main() -> None:
     parser.add_argument("--mixtures", nargs="+", default=list(MIXTURES), choices=list(MIXTURES))
     parser.add_argument("--both-caps", action="store_true", help="the both-caps-bind table")
     parser.add_argument("--lp-time-limit", type=float, default=60.0, help="2-D LP time box, s")
+    parser.add_argument("--timing", action="store_true", help="pack_lengths CPU time alone")
+    parser.add_argument("--repeats", type=int, default=2, help="--timing: best of this many")
     args = parser.parse_args()
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}")
     if args.both_caps:
         main_both_caps(args)
+        return
+    if args.timing:
+        main_timing(args)
         return
     for name in args.mixtures:
         for c, k in SETTINGS:

@@ -5,13 +5,21 @@ costs a few percent more packs than needed when tiles bind and 10-30% more when 
 Curation knows every sample's (tokens, tiles) before training, so it packs offline, close to
 the lower bound max(ceil(sum tokens / C), ceil(sum tiles / K)).
 
-No single greedy is good everywhere, so four packers cover the range of the mixture's load
+No single method is good everywhere, so five packers cover the range of the mixture's load
 ratio rho = (sum tokens / C) / (sum tiles / K) (above 1 tokens bind, below 1 tiles do). Those
-whose range holds rho run in turn until one lands within 0.1% of the bound; the fewest packs
-win. All but the combined fit place the image samples first and the text-only samples (0 tiles)
+whose range holds rho run in turn, in the order below, until one lands within 0.1% of the bound
+(0.5% from 200k samples on, where a greedy pass costs seconds); the fewest packs win. All but
+the plan and the combined fit place the image samples first and the text-only samples (0 tiles)
 last, best fit on tokens: text is the only thing that can use the token room of packs whose
 tiles are full, so it must not be spent before those packs exist.
 
+- Plan (1,000 samples or more; first below rho 1.25, after token fit above). Where both caps
+  bind, greedy packers end with packs full in one cap and short in the other. The plan solves
+  the 2-D cutting-stock LP on at most 48 item types (tile count x token group, mean tokens),
+  deals the samples to the slots of the LP's patterns, re-matches samples of equal tile count
+  between packs until the token loads fit (tiles never move), and best-fits what is left.
+  0-0.1% above the bound where both caps bind, against 1-4% for the greedy packers; see "the
+  2-D pattern plan" below.
 - Patterns (rho < 1; document-heavy mixtures of 13-tile images with short answers). Tile counts
   are small integers, so packing image samples by tiles is a cutting-stock problem; its LP
   (column generation, knapsack pricing) yields patterns such as 13+13+13+9 and 13+13+10+10+1+1
@@ -34,7 +42,8 @@ worse than InternVL is built in where it could fail rather than only observed.
 Best fit needs "the open pack with the least room >= x" fast. Token rooms are kept in a
 two-level bitmap of Python ints (`_Bitset`: a lowest-set-bit query is a shift and `m & -m`,
 run in C) with one stack of packs per room value; tile rooms in one heap per remaining-tile
-count (at most K + 1). 1M samples take a few seconds on one core.
+count (at most K + 1). 1M samples take 1-3 CPU seconds where both caps bind (the plan's LP
+costs the same at any size), a few seconds elsewhere.
 """
 
 from __future__ import annotations
@@ -42,11 +51,18 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, pairwise
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from curate.stages.pack.bounds import (
+    PatternPricer,
+    pattern_columns,
+    solve_pattern_master,
+    solve_tile_lp,
+    tile_lp_bound,
+)
 from curate.stages.pack.internvl_packer import internvl_greedy_pack
 
 # A packer: (tokens, tiles, C, K) -> the sample indices of each pack.
@@ -54,8 +70,6 @@ _Packer = Callable[[np.ndarray, np.ndarray, int, int], list[list[int]]]
 # The pattern LP's knapsack pricing is O(K) numpy steps; above this tile cap (InternVL uses
 # 40-48) the patterns packer is skipped.
 _MAX_PATTERN_TILES = 128
-_PIVOTS_PER_SIZE = 20  # simplex pivot budget per tile size; a few per size suffice in practice
-_MAX_PIVOTS = 1000
 # InternVL's greedy packer also runs (about 3 us per sample) when ours is above the lower bound
 # and the input is small, or ours is this far above it (mixtures of big items the bound cannot
 # see), so "never more packs than InternVL" holds by construction where it could fail.
@@ -65,8 +79,20 @@ _BASELINE_GAP = 0.005
 # stop early and to decide on the baseline check.
 _TILE_LP_BOUND_BELOW = 1.25
 # A packing this close to the lower bound (the target curate aims at) ends the search: the other
-# packers in range are not tried.
+# packers in range are not tried. On big inputs, where each greedy packer costs seconds, being
+# within the 0.5% target ends it too.
 _GOOD_ENOUGH = 0.001
+_BIG_INPUT = 200_000
+# The 2-D pattern plan (`_pack_by_plan`). Below this many samples the greedy packers (and
+# InternVL's) are as good and its LP's fixed cost (0.1-1 s) is not worth paying.
+_PLAN_MIN_SAMPLES = 1000
+_PLAN_TYPES = 48  # item types of the plan's LP: tile count x token group; rounds grow with it
+_PLAN_GROUPS = 8  # token groups per tile count at most
+_PLAN_TOKEN_UNITS = 1024  # knapsack grid: the planned token room of a pack in units
+_PLAN_SLACK = 0.0003  # packs are planned to 1 - this of C, on mean sizes
+_PLAN_SEED_SAMPLES = 5000  # a combined-fit packing of a sample of this many seeds the LP
+_PLAN_MAX_ROUNDS = 300  # column generation rounds (a count, not a time: deterministic)
+_PLAN_SWEEPS = 6  # rebalancing sweeps over the slot layers
 
 
 @dataclass(frozen=True)
@@ -109,27 +135,6 @@ def pack_stats(
     )
 
 
-def tile_lp_bound(tiles: ArrayLike, *, max_tiles: int) -> int:
-    """A lower bound on the packs the tiles alone need, often well above ceil(sum tiles / K).
-
-    When big tile counts do not combine to K (three 13-tile images leave 9 tiles only fillers
-    can use), no packing reaches sum / K. This is the cutting-stock LP bound: the LP's duals,
-    made dual-feasible (clipped at 0, divided by the best pattern's value), times the demand,
-    so it holds even if the LP stopped early. Compare a packing to max(this, lower_bound).
-    """
-    til = np.asarray(tiles, dtype=np.int64).reshape(-1)
-    til = til[til > 0]
-    if not til.size:
-        return 0
-    if max_tiles < 1 or int(til.max()) > max_tiles:
-        raise ValueError(f"a sample has {int(til.max())} tiles, over max_tiles={max_tiles}")
-    sizes, demand = np.unique(til, return_counts=True)
-    _, _, duals = _solve_pattern_lp(sizes, demand.astype(float), max_tiles)
-    duals = np.maximum(duals, 0.0)
-    value, _ = _best_pattern(duals, sizes, max_tiles)
-    return _ceil_lp(float(demand @ duals) / max(1.0, value))
-
-
 def pack_lengths(
     tokens: ArrayLike,
     tiles: ArrayLike,
@@ -154,10 +159,11 @@ def pack_lengths(
     rho = _load_ratio(tok, til, max_tokens, max_tiles)
     if rho < _TILE_LP_BOUND_BELOW and max_tiles <= _MAX_PATTERN_TILES:  # tiles may bind
         bound = max(bound, tile_lp_bound(til, max_tiles=max_tiles))
+    good_enough = _BASELINE_GAP if tok.size >= _BIG_INPUT else _GOOD_ENOUGH
     runs: list[list[list[int]]] = []
-    for packer in _packers_for(rho, max_tiles):
+    for packer in _packers_for(rho, max_tiles, tok.size):
         runs.append(packer(tok, til, max_tokens, max_tiles))
-        if len(runs[-1]) <= bound * (1 + _GOOD_ENOUGH):
+        if min(map(len, runs)) <= bound * (1 + good_enough):
             break
     if _baseline_could_win(min(map(len, runs)), bound, tok.size):
         runs.append(internvl_greedy_pack(tok, til, max_tokens=max_tokens, max_tiles=max_tiles))
@@ -262,21 +268,59 @@ def _pack_by_combined_fit(
     return packs.members
 
 
+def _pack_by_plan(
+    tok: np.ndarray, til: np.ndarray, max_tokens: int, max_tiles: int
+) -> list[list[int]]:
+    """Packs from the 2-D pattern LP on item types, rebalanced on real tokens; then best fit.
+
+    See "the 2-D pattern plan" below. Samples of no size, those the rounded-down plan leaves
+    out and those taken out of packs over the token cap go best fit on tokens / C + tiles / K.
+    """
+    packs = _Packs(tok.tolist(), til.tolist(), max_tokens, max_tiles)
+    pack_of = np.full(tok.size, -1, dtype=np.int64)
+    sized = np.flatnonzero((tok > 0) | (til > 0))
+    if sized.size:
+        try:
+            plan = _plan(tok, til, sized, max_tokens, max_tiles)
+        except RuntimeError:  # the LP solver gave up: the best fit below packs everything
+            plan = None
+        if plan is not None:
+            pack_of[sized] = _deal(tok[sized], *plan)
+            load = _rebalance(tok, til, pack_of, max_tokens)
+            _evict_smallest_over(tok, pack_of, load, max_tokens)
+            _add_bins(packs, np.arange(tok.size), pack_of, tok, til)
+    rest = np.flatnonzero(pack_of < 0)
+    size = tok[rest] / max_tokens + til[rest] / max_tiles
+    _best_fit_combined(packs, rest[np.lexsort((rest, -til[rest], -size))].tolist())
+    return packs.members
+
+
 # (packer, lowest rho, rho below): where each can be the best; see the module docstring.
+# The plan comes first where both caps may bind; where tokens bind it runs after token fit, which
+# is near the bound on most such mixtures, and pays off where big samples strand room
+# (image-heavy at 8192 / 40: 1.3% fewer packs).
 _PACKERS = (
+    (_pack_by_plan, 0.0, 1.25),
     (_pack_by_patterns, 0.0, 1.0),
+    (_pack_by_token_fit, 1.0, float("inf")),
+    (_pack_by_plan, 1.25, float("inf")),
     (_pack_by_combined_fit, 0.85, 1.25),
     (_pack_by_tile_fit, 0.85, 1.25),
-    (_pack_by_token_fit, 1.0, float("inf")),
 )
 
 
-def _packers_for(rho: float, max_tiles: int) -> list[_Packer]:
-    """The packers whose load-ratio range holds rho, in `_PACKERS` order (at least one)."""
+def _packers_for(rho: float, max_tiles: int, n: int) -> list[_Packer]:
+    """The packers whose load-ratio range holds rho, in `_PACKERS` order (at least one).
+
+    The LP packers need small tile caps (their knapsacks are O(K)); the plan, some samples.
+    """
+    small_k = max_tiles <= _MAX_PATTERN_TILES
     usable = [
         packer
         for packer, lo, hi in _PACKERS
-        if lo <= rho < hi and (packer is not _pack_by_patterns or max_tiles <= _MAX_PATTERN_TILES)
+        if lo <= rho < hi
+        and (packer is not _pack_by_patterns or small_k)
+        and (packer is not _pack_by_plan or (small_k and n >= _PLAN_MIN_SAMPLES))
     ]
     return usable or [_pack_by_tile_fit if rho < 1 else _pack_by_token_fit]
 
@@ -316,100 +360,217 @@ def _tile_patterns(
     The copies are the LP solution rounded down, so no size is used more often than the LP
     says; since the LP may over-cover a size (it is the >= form), a slot can stay empty.
     """
-    basis, x, _ = _solve_pattern_lp(sizes, demand.astype(float), cap)
+    basis, x, _ = solve_tile_lp(sizes, demand.astype(float), cap)
     copies = np.floor(x + 1e-9).astype(np.int64)
     keep = copies > 0
     return np.rint(basis.T[keep]).astype(np.int64), copies[keep]
 
 
-def _solve_pattern_lp(
-    sizes: np.ndarray, demand: np.ndarray, cap: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Revised simplex with column generation for min sum(x) s.t. patterns @ x >= demand.
+# --- the 2-D pattern plan -------------------------------------------------------------------
+#
+# Where both caps bind, a pack must be full in tokens and in tiles at once, and greedy packers
+# end with packs full in one and short in the other (at rho 1, one pack in ten 15% short of a
+# cap). The plan chooses pack contents globally instead:
+#
+# 1. Types. Samples are grouped by tile count, and within one by tokens into up to 8 groups cut
+#    at equal shares of token mass above the smallest (narrow groups where the long answers
+#    are); a type is (tile count, group) with its mean tokens. At most 48 types, so the LP
+#    below costs the same at 10k and at 1M samples.
+# 2. LP. The 2-D cutting-stock LP on the types (bounds.PatternPricer, HiGHS), the token room
+#    C (1 - 0.03%) split into 1024 units; the unit shrinks by the tokens that rounding type
+#    means to it drops, so the planned token total is not below the real one. Seeded with the
+#    patterns of a combined-fit packing of 5,000 samples. Patterns are taken floor(x) times.
+# 3. Deal. Each type's samples, most tokens first, go to the plan's slots for that type, each
+#    round to the packs whose tokens so far are furthest below plan. Where the rounded-down
+#    plan has fewer slots than samples, the samples left out are spread evenly over the type's
+#    token range (leaving out the smallest would overload every pack).
+# 4. Rebalance. Samples of one tile count are interchangeable as far as tiles go, so they can
+#    move between packs without touching the tile cap. A layer is the j-th sample of tile count
+#    k of every pack that has one; re-matching a layer (most tokens to the pack with the most
+#    token room left by its other samples) minimizes the layer's largest and total overflow
+#    (sorted matching of convex costs). Six sweeps over all layers; the sweep with the fewest
+#    packs over C is kept.
+# 5. Evict. From a pack still over C, the sample with the fewest tokens that ends the overflow
+#    goes out; those go best fit into the room left, or into new packs.
 
-    The basis starts from one single-size pattern per size (always feasible). Each pivot prices
-    all patterns at once with a knapsack over the duals; a negative dual brings in a surplus
-    column instead. Every basis along the way is feasible, so hitting the pivot limit (or a
-    singular basis) only costs optimality. Returns the basis (columns), their values (surplus
-    columns zeroed) and the last duals.
-    """
-    m = sizes.size
-    basis = np.diag((cap // sizes).astype(float))
-    cost = np.ones(m)
-    x = demand / np.diag(basis)
-    duals = np.full(m, 1.0 / cap) * sizes  # dual-feasible start: value tiles / K per sample
-    for _ in range(min(_PIVOTS_PER_SIZE * m + 100, _MAX_PIVOTS)):
-        try:
-            duals = np.linalg.solve(basis.T, cost)
-            col, col_cost = _entering_column(duals, sizes, cap)
-            if col is None:
-                break
-            direction = np.linalg.solve(basis, col)
-        except np.linalg.LinAlgError:
+
+def _plan(
+    tok: np.ndarray, til: np.ndarray, sized: np.ndarray, max_tokens: int, max_tiles: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Steps 1-2 above: (type of each sized sample, type mean tokens, patterns (patterns x
+    types), the pattern of each pack); None if the rounded-down plan has no pack."""
+    type_of, type_til, type_mean = _plan_types(tok[sized], til[sized])
+    demand = np.bincount(type_of, minlength=type_mean.size)
+    units = _PLAN_TOKEN_UNITS
+    type_tok = _planned_units(type_mean, type_til, demand, tok, til, max_tokens, max_tiles)
+    pricer = PatternPricer(type_tok, type_til, demand, units, max_tiles)
+    columns = pricer.single_type_columns()
+    seed = _seed_packing(tok[sized], til[sized], max_tokens, max_tiles)
+    if seed:
+        cols = pattern_columns(seed, type_of, type_mean.size)
+        fits = (type_tok @ cols <= units) & (type_til @ cols <= max_tiles)
+        columns = np.hstack([columns, cols[:, fits]])
+    solved, x = columns, None
+    for _ in range(_PLAN_MAX_ROUNDS):
+        _, duals, _, x = solve_pattern_master(columns, demand)
+        solved = columns
+        patterns, v_star = pricer.best_patterns(duals)
+        if v_star <= 1 + 1e-6 or not patterns.shape[1]:
             break
-        leave, step = _ratio_test(x, direction)
-        if leave < 0:
-            break
-        x = np.maximum(x - step * direction, 0.0)
-        x[leave] = step
-        basis[:, leave] = col
-        cost[leave] = col_cost
-    return basis, np.where(cost > 0, x, 0.0), duals
+        columns = np.hstack([columns, patterns])
+    copies = np.floor(x + 1e-9).astype(np.int64) if x is not None else np.zeros(0, np.int64)
+    keep = np.flatnonzero(copies > 0)
+    if not keep.size:
+        return None
+    patterns = np.rint(solved[:, keep]).T.astype(np.int64)
+    return type_of, type_mean, patterns, np.repeat(np.arange(keep.size), copies[keep])
 
 
-def _entering_column(
-    duals: np.ndarray, sizes: np.ndarray, cap: int
-) -> tuple[np.ndarray | None, float]:
-    """An improving column (and its cost) or (None, 0) when the basis is optimal."""
-    negative = np.flatnonzero(duals < -1e-12)
-    if negative.size:  # surplus of that size: reduced cost is the (negative) dual itself
-        col = np.zeros(sizes.size)
-        col[negative[0]] = -1.0
-        return col, 0.0
-    value, counts = _best_pattern(duals, sizes, cap)
-    if value <= 1.0 + 1e-9:
-        return None, 0.0
-    return counts.astype(float), 1.0
+def _plan_types(tok: np.ndarray, til: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(type of each sample, type tile counts, type mean tokens); see step 1 above.
 
-
-def _best_pattern(values: np.ndarray, sizes: np.ndarray, cap: int) -> tuple[float, np.ndarray]:
-    """Unbounded knapsack: the pattern (counts per size) of most total value within cap.
-
-    A DP over capacity 0..cap, vectorised over the sizes (ascending, so the sizes that fit
-    in c are a prefix).
+    A tile count gets groups in proportion to its samples (1 to `_PLAN_GROUPS`); cuts fall at
+    equal shares of sum(t - t_min + 1), so the long tail of answers gets narrow groups.
     """
-    fits = np.searchsorted(sizes, np.arange(cap + 1), side="right")
-    best = np.zeros(cap + 1)
-    pick = np.full(cap + 1, -1)
-    for c in range(1, cap + 1):
-        best[c] = best[c - 1]
-        k = fits[c]
-        if k:
-            cand = best[c - sizes[:k]] + values[:k]
-            j = int(cand.argmax())
-            if cand[j] > best[c]:
-                best[c], pick[c] = cand[j], j
-    counts = np.zeros(sizes.size, dtype=np.int64)
-    c = cap
-    while c > 0:
-        j = pick[c]
-        if j < 0:
-            c -= 1
-        else:
-            counts[j] += 1
-            c -= int(sizes[j])
-    return float(best[cap]), counts
+    order = np.lexsort((tok, til))
+    counts, type_of = np.unique(til, return_counts=True)[1], np.empty(tok.size, dtype=np.int64)
+    type_til, type_mean, start = [], [], 0
+    for n_k in counts.tolist():
+        idx = order[start : start + n_k]
+        start += n_k
+        groups = max(1, min(_PLAN_GROUPS, round(_PLAN_TYPES * n_k / tok.size)))
+        mass = np.cumsum(tok[idx] - tok[idx[0]] + 1.0)
+        cuts = np.unique(np.searchsorted(mass / mass[-1], np.arange(1, groups) / groups))
+        for part in np.split(idx, cuts):
+            if part.size:
+                type_of[part] = len(type_til)
+                type_til.append(int(til[part[0]]))
+                type_mean.append(float(tok[part].mean()))
+    return type_of, np.array(type_til, dtype=np.int64), np.array(type_mean)
 
 
-def _ratio_test(x: np.ndarray, direction: np.ndarray) -> tuple[int, float]:
-    """The basic variable that hits zero first along `direction` (lowest index on ties)."""
-    pos = direction > 1e-12
-    if not pos.any():
-        return -1, 0.0
-    ratios = np.full(x.size, np.inf)
-    ratios[pos] = x[pos] / direction[pos]
-    leave = int(ratios.argmin())
-    return leave, float(ratios[leave])
+def _planned_units(
+    mean: np.ndarray,
+    type_til: np.ndarray,
+    demand: np.ndarray,
+    tok: np.ndarray,
+    til: np.ndarray,
+    max_tokens: int,
+    max_tiles: int,
+) -> np.ndarray:
+    """Type token sizes in plan units (rint of mean / unit, at least 1 for text-only types).
+
+    The unit is C (1 - slack) / U, shrunk by the tokens rounding to nearest drops per pack, so
+    the planned total matches the real one (an underestimate would overload every pack).
+    """
+    units = _PLAN_TOKEN_UNITS
+    target = max_tokens * (1 - _PLAN_SLACK)
+    packs = max(float(tok.sum()) / max_tokens, float(til.sum()) / max_tiles, 1.0)
+    unit = target / units
+    for _ in range(3):  # the unit moves the rounding, which moves the unit: a few steps settle
+        dropped = float(demand @ (mean - np.rint(mean / unit) * unit))
+        unit = (target - max(dropped, 0.0) / packs) / units
+    sizes = np.clip(np.rint(mean / unit), 0, units).astype(np.int64)
+    return np.where((sizes == 0) & (type_til == 0), 1, sizes)
+
+
+def _seed_packing(
+    tok: np.ndarray, til: np.ndarray, max_tokens: int, max_tiles: int
+) -> list[list[int]]:
+    """A combined-fit packing of a fixed sample (seeded: deterministic), in original indices."""
+    n = min(tok.size, _PLAN_SEED_SAMPLES)
+    pick = np.sort(np.random.default_rng(0).choice(tok.size, size=n, replace=False))
+    packs = _pack_by_combined_fit(tok[pick], til[pick], max_tokens, max_tiles)
+    return [pick[p].tolist() for p in packs]
+
+
+def _deal(
+    tok: np.ndarray,
+    type_of: np.ndarray,
+    type_mean: np.ndarray,
+    patterns: np.ndarray,
+    pack_pattern: np.ndarray,
+) -> np.ndarray:
+    """The pack of each sample (-1: no slot), dealt as in step 3 above."""
+    pack_of = np.full(tok.size, -1, dtype=np.int64)
+    ahead = np.zeros(pack_pattern.size)  # tokens dealt minus the types' means: above plan
+    order = np.argsort(type_of, kind="stable")
+    starts = np.searchsorted(type_of[order], np.arange(type_mean.size + 1))
+    spread = [np.ptp(tok[order[a:b]]) if b > a else 0 for a, b in pairwise(starts)]
+    for j in np.argsort(-np.asarray(spread), kind="stable").tolist():
+        items = order[starts[j] : starts[j + 1]]
+        items = items[np.argsort(-tok[items], kind="stable")]
+        mult = patterns[pack_pattern, j]
+        holders = np.flatnonzero(mult)
+        slots = int(mult.sum())
+        if slots < items.size:  # leave out samples spread over the range, not the smallest
+            items = items[((np.arange(slots) + 0.5) * items.size / slots).astype(np.int64)]
+        start, r = 0, 0
+        while start < items.size and holders.size:
+            holders = holders[mult[holders] > r]
+            take_packs = holders[np.argsort(ahead[holders], kind="stable")]
+            take = items[start : start + take_packs.size]
+            take_packs = take_packs[: take.size]
+            pack_of[take] = take_packs
+            ahead[take_packs] += tok[take] - type_mean[j]
+            start += take.size
+            r += 1
+    return pack_of
+
+
+def _rebalance(tok: np.ndarray, til: np.ndarray, pack_of: np.ndarray, cap: int) -> np.ndarray:
+    """Re-match the slot layers (step 4 above) in place; returns the packs' token loads."""
+    placed = np.flatnonzero(pack_of >= 0)
+    n_packs = int(pack_of.max(initial=-1)) + 1
+    load = np.bincount(pack_of[placed], weights=tok[placed], minlength=n_packs).astype(np.int64)
+    layers = _layers(til, pack_of, placed)
+    best = (int((load > cap).sum()), pack_of.copy(), load.copy())
+    for _ in range(_PLAN_SWEEPS):
+        if not best[0]:
+            break
+        for items in layers:
+            packs = pack_of[items]
+            base = load[packs] - tok[items]
+            by_room = np.argsort(base, kind="stable")  # most room first
+            items[by_room] = items[np.argsort(-tok[items], kind="stable")]
+            pack_of[items] = packs
+            load[packs] = base + tok[items]
+        over = int((load > cap).sum())
+        if over < best[0]:
+            best = (over, pack_of.copy(), load.copy())
+    pack_of[:] = best[1]
+    return best[2]
+
+
+def _layers(til: np.ndarray, pack_of: np.ndarray, placed: np.ndarray) -> list[np.ndarray]:
+    """Layer (k, j): the j-th placed sample of tile count k in each pack that has one."""
+    order = placed[np.lexsort((pack_of[placed], til[placed]))]  # by tile count, then pack
+    key = til[order] * (int(pack_of.max()) + 1) + pack_of[order]
+    rank = np.arange(order.size) - np.searchsorted(key, key)  # j within (tile count, pack)
+    layer = til[order] * (int(rank.max(initial=0)) + 1) + rank
+    by_layer = np.argsort(layer, kind="stable")
+    cuts = np.flatnonzero(np.diff(layer[by_layer])) + 1
+    return np.split(order[by_layer], cuts) if order.size else []
+
+
+def _evict_smallest_over(tok: np.ndarray, pack_of: np.ndarray, load: np.ndarray, cap: int) -> None:
+    """Until no pack is over the token cap: from each pack over it, take out the sample with the
+    fewest tokens that ends the overflow (or, if none does, the one with the most)."""
+    while True:
+        over = load > cap
+        if not over.any():
+            return
+        placed = np.flatnonzero(pack_of >= 0)
+        cand = placed[over[pack_of[placed]]]
+        packs = pack_of[cand]
+        ends = tok[cand] >= load[packs] - cap
+        # per pack, first: samples that end it (fewest tokens first), then the biggest others
+        key = np.where(ends, tok[cand], -tok[cand] + 2 * cap + 1)
+        order = np.lexsort((cand, key, packs))
+        first = order[np.r_[True, packs[order][1:] != packs[order][:-1]]]
+        out = cand[first]
+        load[pack_of[out]] -= tok[out]
+        pack_of[out] = -1
 
 
 # --- building packs from patterns -----------------------------------------------------------

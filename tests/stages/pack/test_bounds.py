@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from curate.cli.pack import pack_report_table
 from curate.stages.pack.binpack import lower_bound, pack_lengths
-from curate.stages.pack.bounds import best_bound, vector_lp_bound
+from curate.stages.pack.bounds import best_bound, dff_bound, vector_lp_bound
 
 
 def optimum(tok: list[int], til: list[int], max_tokens: int, max_tiles: int) -> int:
@@ -55,12 +55,57 @@ def test_lp_bound_is_at_most_the_optimum_and_at_least_the_simple_bound(instance)
     assert lp.bound >= lower_bound(tok, til, max_tokens=max_tokens, max_tiles=max_tiles)
 
 
-@settings(max_examples=60, deadline=None)
-@given(tiny(), st.integers(1, 8))
-def test_rounded_lp_bound_is_still_at_most_the_optimum(instance, units) -> None:
+@settings(max_examples=100, deadline=None)
+@given(tiny(), st.integers(1, 8), st.integers(1, 6))
+def test_rounded_and_grouped_lp_bound_is_between_the_simple_bound_and_the_optimum(
+    instance, units, max_types
+) -> None:
+    # Tokens on a grid of 1-8 units and linear grouping down to 1-6 types: still a lower bound,
+    # and the excess row keeps what rounding dropped, so never below the sums either.
     tok, til, max_tokens, max_tiles = instance
-    lp = vector_lp_bound(tok, til, max_tokens=max_tokens, max_tiles=max_tiles, token_units=units)
+    lp = vector_lp_bound(
+        tok,
+        til,
+        max_tokens=max_tokens,
+        max_tiles=max_tiles,
+        token_units=units,
+        max_types=max_types,
+    )
+    assert lp.converged
     assert lp.bound <= optimum(tok, til, max_tokens, max_tiles)
+    assert lp.bound >= lower_bound(tok, til, max_tokens=max_tokens, max_tiles=max_tiles)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tiny())
+def test_dff_bound_is_at_most_the_optimum(instance) -> None:
+    tok, til, max_tokens, max_tiles = instance
+    dff = dff_bound(tok, til, max_tokens=max_tokens, max_tiles=max_tiles)
+    assert lower_bound(tok, til, max_tokens=max_tokens, max_tiles=max_tiles) <= dff
+    assert dff <= optimum(tok, til, max_tokens, max_tiles)
+
+
+def test_dff_bound_counts_samples_over_half_a_pack() -> None:
+    # Three samples of 6 tokens in packs of 10: the sum says 2, u^(1) counts each as a pack.
+    assert lower_bound([6, 6, 6], [0, 0, 0], max_tokens=10, max_tiles=4) == 2
+    assert dff_bound([6, 6, 6], [0, 0, 0], max_tokens=10, max_tiles=4) == 3
+    # No two of these share a pack, yet each dimension alone says 2: on the combined size
+    # (t / C + k / K) / 2 = 0.55, 0.5, 0.55, u^(1) gives 1 + 0.5 + 1.
+    tok, til = [7, 5, 1], [4, 5, 10]
+    assert lower_bound(tok, til, max_tokens=10, max_tiles=10) == 2
+    assert dff_bound(tok, til, max_tokens=10, max_tiles=10) == 3 == optimum(tok, til, 10, 10)
+
+
+def test_lp_bound_on_a_mixture_where_both_caps_bind_is_not_below_the_sums() -> None:
+    # Single images, tokens = 256 per tile + text, sum t / C ~ sum k / K. The LP of rounded-down
+    # tokens alone lost ~1% to rounding (a unit per sample) and fell below the simple bound.
+    rng = np.random.default_rng(3)
+    til = rng.choice([1, 3, 5, 7, 9, 10, 13], size=3000)
+    tok = 256 * til + 26 + np.clip(rng.lognormal(np.log(450), 0.9, 3000), 16, 3000).astype(int)
+    simple = lower_bound(tok, til, max_tokens=16384, max_tiles=48)
+    lp = vector_lp_bound(tok, til, max_tokens=16384, max_tiles=48, time_limit_s=60, refine=False)
+    assert lp.converged
+    assert lp.bound >= simple
 
 
 def test_lp_bound_sees_items_that_do_not_pair() -> None:
@@ -84,9 +129,29 @@ def test_time_boxed_lp_says_it_stopped_early_and_stays_valid() -> None:
     tok = til * 258 + rng.integers(30, 2000, size=3000)
     lp = vector_lp_bound(tok, til, max_tokens=16384, max_tiles=48, time_limit_s=0.0)
     assert not lp.converged and lp.iterations == 1
-    full = vector_lp_bound(tok, til, max_tokens=16384, max_tiles=48, time_limit_s=120)
+    full = vector_lp_bound(tok, til, max_tokens=16384, max_tiles=48, time_limit_s=120, refine=False)
     assert full.converged
     assert lp.bound <= full.bound <= len(pack_lengths(tok, til, max_tokens=16384, max_tiles=48))
+
+
+def test_refined_lp_keeps_the_best_bound_and_stops_at_the_packing() -> None:
+    # Big samples (3-4k tokens of 8192) whose pairs strand room: a finer grid sees more of it.
+    rng = np.random.default_rng(4)
+    til = rng.choice([1, 5, 13], size=1500, p=[0.2, 0.2, 0.6])
+    tok = np.minimum(256 * til + rng.integers(20, 400, size=1500), 8192)
+    coarse = vector_lp_bound(
+        tok, til, max_tokens=8192, max_tiles=40, token_units=64, max_types=30, refine=False
+    )
+    refined = vector_lp_bound(
+        tok, til, max_tokens=8192, max_tiles=40, token_units=64, max_types=30, time_limit_s=30
+    )
+    packs = len(pack_lengths(tok, til, max_tokens=8192, max_tiles=40))
+    assert coarse.converged and coarse.bound < refined.bound <= packs  # measured 462 < 479
+    assert refined.types > coarse.types
+    stopped = vector_lp_bound(
+        tok, til, max_tokens=8192, max_tiles=40, token_units=64, max_types=30, stop_at=1
+    )
+    assert stopped.types == coarse.types  # the first LP already met stop_at
 
 
 def test_lp_aggregates_identical_sizes() -> None:
@@ -100,9 +165,16 @@ def test_lp_aggregates_identical_sizes() -> None:
 def test_best_bound_names_the_bound_and_the_gap() -> None:
     tok, til = [6, 6, 6], [0, 0, 0]
     cert = best_bound(3, tok, til, max_tokens=10, max_tiles=4)
-    assert (cert.bound, cert.kind, cert.gap, cert.simple) == (3, "2-D LP", 0.0, 2)
+    assert (cert.bound, cert.kind, cert.gap, cert.simple, cert.dff) == (3, "DFF", 0.0, 2, 3)
+    assert cert.lp is None  # the DFF bound already meets the packs
     cert = best_bound(4, tok, til, max_tokens=10, max_tiles=4)
     assert cert.gap == 4 / 3 - 1
+    # Here only the 2-D LP sees that no 3 packs hold these (found by search, checked by brute
+    # force): the sums, the tile LP and the DFFs all say 3.
+    tok, til = [3, 9, 3, 5, 7], [6, 1, 1, 9, 8]
+    cert = best_bound(5, tok, til, max_tokens=10, max_tiles=10)
+    assert (cert.simple, cert.tile_lp, cert.dff) == (3, 3, 3)
+    assert (cert.bound, cert.kind) == (4, "2-D LP") and optimum(tok, til, 10, 10) == 4
     # Where the simple bound already meets the packs the LP is not run.
     cert = best_bound(1, [3, 3], [1, 1], max_tokens=10, max_tiles=4)
     assert (cert.bound, cert.kind, cert.lp) == (1, "simple", None)
