@@ -1,19 +1,23 @@
 """curate's scoring vs the fastest thing a user would write with the same engine, and vs one
 chat request per sample with a JSON reply.
 
-    python bench/score.py [--samples 48] [--judge demo|wide] [--json-max-tokens 128] [--no-json]
+    python bench/score.py [--samples 48] [--judge demo|wide] [--repeat 5] [--profile]
+                          [--json-max-tokens 128] [--no-json]
 
 Same engine (one ``vllm.LLM``, in process, float32, prefix caching on), same model, same
-samples, same rendered prompts on every side:
+samples, same rendered prompts on every side; each timed pass starts from the samples
+(prompts rendered and tokenised inside the timed region, on every side) and a cold prefix
+cache:
 
 - curate, ``readout: probe`` (the default): one request per sample, one batched ``generate``
-  per ``--batch-size`` requests, 2 decode steps; label logprobs of the first step, the decode
-  forced through "1" by ``logit_bias`` for P(10 | "1"): all 11 probabilities;
+  per ``--batch-size`` requests, 2 decode steps; the label tokens' logprobs of the first step,
+  the decode forced through "1" by ``logit_bias`` for P(10 | "1"): all 11 probabilities;
 - curate, ``readout: constrained``: decoded under a choice constraint "0".."10" with label
   logprobs, plus follow-up requests where the greedy path did not give P(10 | "1");
 - the competent baseline: the same prompts in one batched ``generate`` under the choice
   constraint "0".."10", no logprobs: the greedy label only (what a user who wants a score and
-  nothing else writes);
+  nothing else writes). Its grammar ends a label by sampling EOS, so a one-digit label takes
+  2 decode steps as well (the "out tokens/sample" column);
 - data-juicer's ``llm_quality_score_filter`` method: for each sample in turn, ``llm.chat``
   with a system prompt asking for a JSON object of dimension scores, flags, rationale and
   recommendation; the reply's outer braces are found with a regex and parsed with
@@ -21,6 +25,13 @@ samples, same rendered prompts on every side:
   its format; one try per sample (data-juicer retries up to 3 times on a parse failure, so
   this is its best case). ``--json-max-tokens`` bounds its reply: a real judge's reply in
   that format is about 100-150 tokens; a random judge never stops early.
+
+The sides run interleaved, ``--repeat`` rounds, each round starting with the next side (the
+machine's load swings); the table gives each side's best wall and best CPU time over the
+rounds, and the median over rounds of the baseline's CPU time / the side's CPU time in the
+same round (paired, so a round under load counts against both sides alike). ``--profile``
+adds each side's engine steps, tokens computed, and CPU seconds in the forward pass, in the
+sampler and in the rest.
 
 ``--judge demo`` is the tiny demo judge (hidden 128, 2 layers); ``--judge wide`` builds a
 larger random Qwen2 (hidden 512, 4 layers, 8 heads) with the demo tokenizer, where the
@@ -30,10 +41,12 @@ forward pass weighs more than the per-step overhead.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -109,13 +122,13 @@ def sample_text(sample: dict) -> str:
 
 def run_curate(scorer, samples: list[dict], batch_size: int) -> dict:
     jobs = scorer.jobs(samples, lambda s: False)  # quality only: one score per sample
-    before = (scorer.stats.requests, scorer.stats.prompt_tokens, scorer.stats.cached_tokens)
+    s = scorer.stats
+    before = (s.requests, s.prompt_tokens, s.cached_tokens, s.output_tokens)
     t0, c0 = time.perf_counter(), time.process_time()
     results = {}
     for start in range(0, len(jobs), batch_size):
-        results.update(scorer.score(jobs[start : start + batch_size]))
+        results.update(scorer.score(jobs[start : start + batch_size]))  # renders its chunk
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    s = scorer.stats
     valid = sum(r.reading.score is not None for r in results.values())
     return {
         "seconds": seconds,
@@ -123,6 +136,7 @@ def run_curate(scorer, samples: list[dict], batch_size: int) -> dict:
         "valid": valid,
         "requests": s.requests - before[0],
         "hit": (s.cached_tokens - before[2]) / max(1, s.prompt_tokens - before[1]),
+        "out_tokens": (s.output_tokens - before[3]) / len(samples),
     }
 
 
@@ -132,14 +146,14 @@ def run_choice(llm, scorer, samples: list[dict]) -> dict:
     from vllm.sampling_params import StructuredOutputsParams
 
     jobs = scorer.jobs(samples, lambda s: False)
-    scorer.render(jobs)
-    jobs.sort(key=lambda j: j.ids)  # shared prompt prefixes next to each other, as curate does
     params = SamplingParams(
         max_tokens=2,
         temperature=0.0,
         structured_outputs=StructuredOutputsParams(choice=[str(i) for i in range(11)]),
     )
     t0, c0 = time.perf_counter(), time.process_time()
+    scorer.render(jobs)  # the same prompts, rendered in the timed region as curate's are
+    jobs.sort(key=lambda j: j.ids)  # shared prompt prefixes next to each other, as curate does
     outs = llm.generate([{"prompt_token_ids": j.ids} for j in jobs], params, use_tqdm=False)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     valid = sum(o.outputs[0].text in {str(i) for i in range(11)} for o in outs)
@@ -151,6 +165,7 @@ def run_choice(llm, scorer, samples: list[dict]) -> dict:
         "valid": valid,
         "requests": len(jobs),
         "hit": cached / prompt,
+        "out_tokens": sum(len(o.outputs[0].token_ids) for o in outs) / len(jobs),
     }
 
 
@@ -179,6 +194,70 @@ def run_json_chat(llm, samples: list[dict], max_tokens: int) -> dict:
     }
 
 
+class EngineProfile:
+    """``--profile``: CPU seconds inside the model's forward pass and inside the sampler, and the
+    engine steps and tokens scheduled, per timed pass (wraps vLLM 0.32 internals of the
+    in-process engine; the rest of a pass is scheduling, output processing, rendering and the
+    reading of the results)."""
+
+    def __init__(self, llm) -> None:
+        core = llm.llm_engine.engine_core.engine_core
+        runner = core.model_executor.driver_worker.worker.model_runner
+        self.counts: dict[str, float] = {}
+        self._wrap(runner, "_model_forward", "forward")
+        self._wrap(runner, "_sample", "sampler")
+        schedule = core.scheduler.schedule
+
+        def counted(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            if out.total_num_scheduled_tokens:
+                self.counts["steps"] += 1
+                self.counts["tokens"] += out.total_num_scheduled_tokens
+            return out
+
+        core.scheduler.schedule = counted
+        self.reset()
+
+    def _wrap(self, obj, name: str, key: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            c0 = time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.counts[key] += time.process_time() - c0
+
+        setattr(obj, name, timed)
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(("forward", "sampler", "steps", "tokens"), 0.0)
+
+
+def _print_profile(profiles: dict[str, list[dict]]) -> None:
+    print(
+        "\n| method | engine steps | tokens computed | forward CPU s (best / median) "
+        "| sampler CPU s (best / median) | rest CPU s (best / median) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rows in profiles.items():
+        for r in rows:
+            r["rest"] = r["cpu"] - r["forward"] - r["sampler"]
+
+        def cell(key: str, rows=rows) -> str:
+            values = [r[key] for r in rows]
+            return f"{min(values):.3f} / {statistics.median(values):.3f}"
+
+        print(
+            f"| {name} | {rows[0]['steps']:.0f} | {rows[0]['tokens']:.0f} | {cell('forward')} "
+            f"| {cell('sampler')} | {cell('rest')} |"
+        )
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=48)
@@ -188,6 +267,9 @@ def main() -> None:
     ap.add_argument("--no-json", action="store_true", help="skip the sequential JSON side")
     ap.add_argument("--repeat", type=int, default=5, help="timed passes per side; best kept")
     ap.add_argument("--work", type=Path, default=None, help="folder for demo data (default: tmp)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also CPU in forward / sampler, steps, tokens"
+    )
     args = ap.parse_args()
 
     from curate.core.engine import Engine
@@ -249,16 +331,32 @@ def main() -> None:
     }
     constrained(True)
     run_curate(scorer, warm, args.batch_size)  # the constrained path's kernels, warmed too
+    load0 = _load()
+    base_name = next(name for name in sides if name.startswith("baseline"))
+    profile = EngineProfile(llm) if args.profile else None
+    profiles: dict[str, list[dict]] = {name: [] for name in sides}
     best: dict[str, dict] = {}
-    for _ in range(args.repeat):  # interleaved, best of --repeat: the machine's load swings
-        for name, (setup, run_side) in sides.items():
+    rounds: list[dict[str, float]] = []
+    names = list(sides)
+    for i in range(args.repeat):  # interleaved: the machine's load swings
+        cpu: dict[str, float] = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # no side always first
+            setup, run_side = sides[name]
             setup()
             llm.reset_prefix_cache()
+            gc.collect()  # the previous side's garbage is not collected in this side's time
+            if profile:
+                profile.reset()
             result = run_side()
+            cpu[name] = result["cpu"]
+            if profile:
+                profiles[name].append({**profile.counts, "cpu": result["cpu"]})
             for key in ("seconds", "cpu"):  # best wall and best CPU time, each on its own
                 if name not in best or result[key] < best[name][key]:
                     best.setdefault(name, dict(result))[key] = result[key]
+        rounds.append(cpu)
     constrained(False)
+    paired = {name: statistics.median(r[base_name] / r[name] for r in rounds) for name in sides}
     rows = list(best.items())
     if not args.no_json:
         llm.reset_prefix_cache()
@@ -272,19 +370,25 @@ def main() -> None:
         )
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; judge: {args.judge} ({judge})")
-    print(f"samples: {n} (domains: {sorted({s['domain'] for s in samples})})\n")
+    print(f"samples: {n} (domains: {sorted({s['domain'] for s in samples})})")
+    print(f"rounds: {args.repeat}, interleaved; load average before/after: {load0} / {_load()}\n")
     print(
-        "| method | requests | wall s | CPU s | samples/s (wall) | samples per CPU s | valid "
-        "| prefix-cache hit | vs baseline (wall / CPU) |"
+        "| method | requests | out tokens/sample | wall s | CPU s | samples/s (wall) "
+        "| samples per CPU s | valid | prefix-cache hit | vs baseline (wall / CPU, best) "
+        "| vs baseline (CPU, paired median) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = rows[2][1]
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = best[base_name]
     for name, r in rows:
+        pair = f"{paired[name]:.2f}x" if name in paired else "-"
         print(
-            f"| {name} | {r.get('requests', n)} | {r['seconds']:.2f} | {r['cpu']:.2f} "
-            f"| {n / r['seconds']:.1f} | {n / r['cpu']:.1f} | {r['valid']}/{n} | {r['hit']:.1%} "
-            f"| {base['seconds'] / r['seconds']:.2f}x / {base['cpu'] / r['cpu']:.2f}x |"
+            f"| {name} | {r.get('requests', n)} | {r['out_tokens']:.2f} | {r['seconds']:.2f} "
+            f"| {r['cpu']:.2f} | {n / r['seconds']:.1f} | {n / r['cpu']:.1f} | {r['valid']}/{n} "
+            f"| {r['hit']:.1%} | {base['seconds'] / r['seconds']:.2f}x / "
+            f"{base['cpu'] / r['cpu']:.2f}x | {pair} |"
         )
+    if profile:
+        _print_profile(profiles)
     scorer.close()
 
 

@@ -25,7 +25,8 @@ class ScoreConfig(BaseModel):
         "probe",
         description="engine: vllm. probe: one request per sample, the first step's label "
         "logprobs and the decode forced through the ambiguous first token ('1' of '1'/'10', "
-        "by logit_bias) for the second step's: all 11 probabilities, no follow-up request. "
+        "by logit_bias) for the second step's: all 11 probabilities, no follow-up request, "
+        "two decode steps (as many as a label under a choice constraint, which ends on EOS). "
         "constrained: decode under a choice constraint 0..10, plus a follow-up request "
         "where the greedy path did not give P(10 | '1'). Both give the same probabilities",
     )

@@ -46,6 +46,7 @@ class EngineStats:
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    output_tokens: int = 0  # generated: one decode step each
     cache_known: bool = False  # the engine reports cached tokens
     seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -54,6 +55,7 @@ class EngineStats:
         with self._lock:
             self.requests += 1
             self.prompt_tokens += out.prompt_tokens
+            self.output_tokens += len(out.token_ids)
             if out.cached_tokens is not None:
                 self.cached_tokens += out.cached_tokens
                 self.cache_known = True
@@ -91,40 +93,9 @@ class VllmEngine:
 
     def _sampling(self, next_after: int | None):
         if next_after not in self._params:
-            from vllm import SamplingParams
-            from vllm.sampling_params import StructuredOutputsParams
-
-            if next_after is None and self.probing:
-                # Raw logprobs are taken before logit_bias applies (vLLM's sampler), so step 1
-                # gives the model's own first-token distribution while the bias makes the
-                # decode go through the ambiguous token, and step 2 gives P(. | that token).
-                ids = self.labels.logprob_token_ids
-                self._params[None] = SamplingParams(
-                    max_tokens=2,
-                    temperature=0.0,
-                    logprobs=len(ids),
-                    logprob_token_ids=ids,
-                    logit_bias={self.labels.probe_token: PROBE_BIAS},
-                    detokenize=False,  # the output is no label: only its logprobs are read
-                )
-            elif next_after is None:
-                ids = self.labels.logprob_token_ids
-                self._params[None] = SamplingParams(
-                    max_tokens=self.labels.max_tokens,
-                    temperature=0.0,
-                    logprobs=len(ids),
-                    logprob_token_ids=ids,
-                    structured_outputs=StructuredOutputsParams(choice=list(self.labels.labels)),
-                )
-            else:
-                ids = sorted(self.labels.next[next_after])
-                self._params[next_after] = SamplingParams(
-                    max_tokens=1,
-                    temperature=0.0,
-                    logprobs=len(ids),
-                    logprob_token_ids=ids,
-                    allowed_token_ids=ids,
-                )
+            self._params[next_after] = sampling_params(
+                self.labels, probe=self.probing, next_after=next_after
+            )
         return self._params[next_after]
 
     def _prompt(self, req: EngineRequest):
@@ -151,13 +122,10 @@ class VllmEngine:
         results = []
         for req, out in zip(requests, outputs, strict=True):
             comp = out.outputs[0]
-            steps = [
-                {tid: lp.logprob for tid, lp in step.items()} for step in (comp.logprobs or [])
-            ]
             raw = RawOutput(
                 text=comp.text,
                 token_ids=list(comp.token_ids),
-                steps=steps,
+                steps=logprob_steps(comp.logprobs),
                 prompt_tokens=len(out.prompt_token_ids or []),
                 cached_tokens=out.num_cached_tokens,
                 probe=self.probing and req.next_after is None,
@@ -179,6 +147,63 @@ class VllmEngine:
         set_num_threads, n = self._torch_threads
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(n)
+
+
+def sampling_params(labels: LabelSet, *, probe: bool, next_after: int | None = None):
+    """vLLM ``SamplingParams`` of one request: a probe, a constrained label, or a follow-up
+    (the prompt extended by ``next_after``, one step over its continuations).
+
+    Every request asks for the label tokens' logprobs only (``logprob_token_ids``, without
+    ``logprobs=N``: that would add a top-k over the vocabulary per step that vLLM's sampler
+    computes and then discards), in flat lists (one object per request, not one per token and
+    step).
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    common = {"temperature": 0.0, "flat_logprobs": True}
+    if next_after is not None:
+        ids = sorted(labels.next[next_after])
+        return SamplingParams(
+            max_tokens=1,
+            logprob_token_ids=ids,
+            allowed_token_ids=ids,
+            detokenize=False,  # only the step's logprobs are read
+            **common,
+        )
+    if probe:
+        # Raw logprobs are taken before logit_bias applies (vLLM's sampler), so step 1 gives
+        # the model's own first-token distribution while the bias makes the decode go through
+        # the ambiguous token, and step 2 gives P(. | that token). The same forward work as a
+        # choice-constrained label, whose grammar ends a label by sampling EOS: 2 steps too.
+        return SamplingParams(
+            max_tokens=2,
+            logprob_token_ids=labels.logprob_token_ids,
+            logit_bias={labels.probe_token: PROBE_BIAS},
+            detokenize=False,  # the output is no label: only its logprobs are read
+            **common,
+        )
+    return SamplingParams(
+        max_tokens=labels.max_tokens,
+        logprob_token_ids=labels.logprob_token_ids,
+        structured_outputs=StructuredOutputsParams(choice=list(labels.labels)),
+        **common,
+    )
+
+
+def logprob_steps(logprobs) -> list[dict[int, float]]:
+    """Token id -> logprob per generated step, from vLLM's flat lists (``flat_logprobs``) or
+    its list of ``{id: Logprob}`` dicts."""
+    if not logprobs:
+        return []
+    flat = getattr(logprobs, "start_indices", None)
+    if flat is None:
+        return [{tid: lp.logprob for tid, lp in step.items()} for step in logprobs]
+    ids, values = logprobs.token_ids, logprobs.logprobs
+    return [
+        dict(zip(ids[a:b], values[a:b], strict=True))
+        for a, b in zip(flat, logprobs.end_indices, strict=True)
+    ]
 
 
 def llm_kwargs(cfg: ScoreConfig, model: Path, *, on_cpu: bool) -> dict:

@@ -17,6 +17,7 @@ import pytest
 
 from curate.core.folder import RunFolder
 from curate.core.memo import Memo
+from curate.stages.score.labels import LABELS
 from curate.stages.score.stage import CACHE_SCHEMA, STAGE, ScoreStage
 from tests.conftest import run_stages
 from tests.stages.score.conftest import planted_filter, score_config
@@ -168,6 +169,30 @@ def test_probe_and_constrained_readouts_give_the_same_probabilities(small_run, s
         a, b = probed[job.key].reading, constrained[job.key].reading
         assert a.probs == pytest.approx(b.probs, abs=2e-4)
         assert a.expected == pytest.approx(b.expected, abs=2e-3)
+
+
+def test_the_probe_decodes_as_many_steps_as_a_choice_constrained_label(small_run, scorer):
+    """Why the probe costs the baseline's forward work: a label decoded under a choice
+    constraint (bench/score.py's baseline) ends by sampling EOS, so every label takes two
+    decode steps, as the probe always does. Should vLLM end a finished grammar without that
+    step, the baseline gets a step cheaper than the probe and README's claim must change."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    samples = RunFolder(small_run).read("samples").to_pylist()[:8]
+    jobs = scorer.jobs(samples, lambda s: False)
+    before = scorer.stats.output_tokens
+    scorer.score(jobs)  # renders them
+    assert scorer.stats.output_tokens - before == 2 * len(jobs)
+    choice = StructuredOutputsParams(choice=[str(s) for s in range(11)])
+    params = SamplingParams(max_tokens=2, temperature=0.0, structured_outputs=choice)
+    outs = scorer.engine.llm.generate(
+        [{"prompt_token_ids": j.ids} for j in jobs], params, use_tqdm=False
+    )
+    for out in outs:
+        comp = out.outputs[0]
+        assert comp.text in LABELS
+        assert len(comp.token_ids) == 2  # "7" + EOS, or "1" "0"
 
 
 def test_thresholds_reach_the_ledger(scored, scorer, tmp_path):

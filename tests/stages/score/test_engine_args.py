@@ -1,7 +1,8 @@
 """The judge's vLLM arguments exist in vLLM 0.32, and data parallel is several engines.
 
 No GPU and no engine start: the arguments are checked against the fields of vLLM's
-``EngineArgs`` (what ``LLM(**kwargs)`` builds), and the engine layout against a fake cluster.
+``EngineArgs`` (what ``LLM(**kwargs)`` builds), and the engine layout against a fake cluster;
+each request's ``SamplingParams`` are built as the engine builds them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from curate.core.executors import ExecutorConfig
-from curate.stages.score.engines import EngineError, llm_kwargs
+from curate.stages.score.engines import EngineError, llm_kwargs, logprob_steps, sampling_params
+from curate.stages.score.labels import LabelSet
 from curate.stages.score.ray_engine import EngineLayoutError, engine_layout, engine_settings
 from tests.stages.score.conftest import score_config
 
@@ -93,3 +95,40 @@ def test_data_parallel_is_engine_actors():
     assert each.data_parallel_size == 1 and kwargs["tensor_parallel_size"] == 2
     assert kwargs["distributed_executor_backend"] == "mp"
     assert set(kwargs) <= _engine_fields()
+
+
+@pytest.fixture(scope="module")
+def labels(tokenizer_dir) -> LabelSet:
+    from transformers import AutoTokenizer
+
+    return LabelSet(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+@pytest.mark.parametrize("kind", ["probe", "constrained", "follow-up"])
+def test_requests_ask_for_the_label_logprobs_only(labels, kind):
+    """No ``logprobs=N`` beside ``logprob_token_ids``: vLLM's sampler would compute a top-k over
+    the vocabulary every step and then return the label tokens' logprobs instead. Flat lists
+    spare one Logprob object per token and step; no request detokenizes what is not read."""
+    one = labels.probe_token
+    params = sampling_params(
+        labels, probe=kind == "probe", next_after=one if kind == "follow-up" else None
+    )
+    ids = sorted(labels.next[one]) if kind == "follow-up" else labels.logprob_token_ids
+    assert params.logprobs is None and params.logprob_token_ids == ids
+    assert params.num_logprobs == len(ids) and params.flat_logprobs
+    assert params.temperature == 0.0
+    assert params.detokenize == (kind == "constrained")  # only the choice's text is read
+    assert params.max_tokens == {"probe": 2, "constrained": 2, "follow-up": 1}[kind]
+    if kind == "probe":
+        assert set(params.logit_bias) == {one} and params.structured_outputs is None
+
+
+def test_flat_and_nested_logprobs_read_alike():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    nested = [{22: Logprob(-0.5, 1), 2: Logprob(-1.5, 3)}, {21: Logprob(-0.1, 1)}]
+    flat = FlatLogprobs()
+    flat.extend(nested)
+    want = [{22: -0.5, 2: -1.5}, {21: -0.1}]
+    assert logprob_steps(flat) == logprob_steps(nested) == want
+    assert logprob_steps(None) == logprob_steps(FlatLogprobs()) == []
