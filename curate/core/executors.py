@@ -22,7 +22,7 @@ import multiprocessing
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -120,15 +120,42 @@ class LocalExecutor:
             # tokenizers' thread pools can hang on a lock held by a thread that did not survive.
             ctx = multiprocessing.get_context("forkserver")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {s: pool.submit(timed, process, s) for s in shards}
-                for shard, fut in futures.items():
-                    yield (shard, *fut.result())
+                yield from _bounded(pool, process, shards, in_flight=2 * workers)
         else:
             for shard in shards:
                 yield (shard, *timed(process, shard))
 
     def close(self) -> None:
         pass
+
+
+def _bounded(
+    pool: ProcessPoolExecutor,
+    process: Callable[[str], ShardResult],
+    shards: Sequence[str],
+    in_flight: int,
+) -> Iterator[ShardOutcome]:
+    """Shards through the pool, at most ``in_flight`` submitted at once, yielded as they
+    finish and then forgotten: a finished future holds its result (a whole shard's rows), so
+    holding them all would make the driver's memory grow with the run."""
+    queue = iter(shards)
+    pending: dict = {}
+
+    def submit() -> None:
+        while len(pending) < in_flight:
+            shard = next(queue, None)
+            if shard is None:
+                return
+            pending[pool.submit(timed, process, shard)] = shard
+
+    submit()
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            shard = pending.pop(fut)
+            result, seconds = fut.result()
+            submit()
+            yield shard, result, seconds
 
 
 def cluster_endpoint(address: str) -> tuple[str, int]:
