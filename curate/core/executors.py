@@ -120,7 +120,7 @@ class LocalExecutor:
             # tokenizers' thread pools can hang on a lock held by a thread that did not survive.
             ctx = multiprocessing.get_context("forkserver")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                yield from _bounded(pool, process, shards, in_flight=2 * workers)
+                yield from _bounded(pool, process, shards, in_flight=workers + 1)
         else:
             for shard in shards:
                 yield (shard, *timed(process, shard))

@@ -25,7 +25,6 @@ import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import xxhash
 
 from curate.core.chat import IMG_CONTEXT, IMG_END, IMG_START
@@ -86,28 +85,20 @@ class PackReport:
 
 
 # What packing needs of a sample: a few numbers, never its ids (those stay in tokens/).
-SIZE_COLUMNS = ["sample_id", "dataset", "line", "n_tokens", "n_supervised", "tiles"]
+SIZE_COLUMNS = ["sample_id", "dataset", "line", "n_tokens", "n_supervised", "tiles", "n_images"]
 
 
 def _token_sizes(run: RunFolder) -> pl.DataFrame:
-    """Every tokens/ row's sizes, shard, row and image count; one shard's ids read at a time
-    (only the images' list lengths, never their paths, are kept)."""
-    frames = []
-    for shard in run.shards("tokens"):
-        t = pq.read_table(run.shard_path("tokens", shard), columns=[*SIZE_COLUMNS, "images"])
-        n_images = pc.list_value_length(t.column("images")).cast(pa.int16())
-        frames.append(
-            pl.from_arrow(t.select(SIZE_COLUMNS)).with_columns(
-                shard=pl.lit(shard),
-                row=pl.int_range(pl.len(), dtype=pl.Int32),
-                n_images=pl.Series(n_images.to_numpy(zero_copy_only=False)),
-            )
+    """Every tokens/ row's sizes, shard and row, one shard at a time (never its ids)."""
+    frames = [
+        pl.read_parquet(run.shard_path("tokens", shard), columns=SIZE_COLUMNS).with_columns(
+            shard=pl.lit(shard), row=pl.int_range(pl.len(), dtype=pl.Int32)
         )
+        for shard in run.shards("tokens")
+    ]
     if not frames:
         empty = pl.from_arrow(TOKENS_SCHEMA.empty_table().select(SIZE_COLUMNS))
-        return empty.with_columns(
-            shard=pl.lit("", pl.String), row=pl.lit(0, pl.Int32), n_images=pl.lit(0, pl.Int16)
-        )
+        return empty.with_columns(shard=pl.lit("", pl.String), row=pl.lit(0, pl.Int32))
     return pl.concat(frames)
 
 

@@ -53,6 +53,7 @@ TOKENS_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),  # the full sequence's, context runs included
         ("n_supervised", pa.int32()),
         ("tiles", pa.int32()),
+        ("n_images", pa.int16()),  # what packing reads, without the images' paths
         ("images", pa.list_(TOKEN_IMAGE_TYPE)),  # in token order (video: the sampled frames)
     ]
 )
@@ -95,6 +96,7 @@ def token_row(sample: dict, budget: dict, tokens: CompactIds, augment: bool) -> 
         # cut context runs are never trained: the compact labels hold every trained token
         "n_supervised": int(np.count_nonzero(labels != IGNORE_INDEX)),
         "tiles": sum(g["cols"] * g["rows"] + int(g["thumbnail"]) for g in grids),
+        "n_images": len(images),
         "images": images,
     }
 
@@ -194,7 +196,7 @@ class TokenizeStage(ShardStage):
             "tokenizer": path_identity(self.tokenizer),
             "image_size": self.image_size,
             "verify_images": self.verify_images,
-            "layout": "compact",  # rows written before context runs were cut are redone
+            "layout": "compact-2",  # rows of an earlier layout are redone
         }
 
     def extra_inputs(self, run: RunFolder) -> dict[str, str]:
