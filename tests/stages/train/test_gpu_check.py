@@ -25,6 +25,7 @@ CURATE_MODULES = {
     "curate.stages",
     "curate.stages.pack",
     "curate.stages.pack.binpack",
+    "curate.stages.pack.bounds",  # the packer plans with its LP (scipy: on the GPU image)
     "curate.stages.pack.internvl_packer",
     "curate.stages.train",
     "curate.stages.train.loop",
