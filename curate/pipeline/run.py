@@ -90,13 +90,7 @@ def build_stages(config: PipelineConfig, executor: Executor | None = None) -> li
         judged = (*removed, *(("score",) if s.score is not None else ()))
         decoded = s.filter is not None and s.filter.decode_images  # else tokenize decodes
         stages += [
-            TokenizeStage(
-                s.pack,
-                tokenizer,
-                s.budget.image_size,
-                verify_images=not decoded,
-                budget_system_prompt=s.budget.system_prompt,  # same prompt: budget's ids serve
-            ),
+            TokenizeStage(s.pack, tokenizer, s.budget.image_size, verify_images=not decoded),
             PackStage(s.pack, tokenizer, judged, ("score",) if s.score is not None else ()),
         ]
     if s.train is not None:

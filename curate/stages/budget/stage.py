@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import xxhash
 
 from curate.core.chat import BatchTokenizer, ChatSample, CompactIds
 from curate.core.folder import RunFolder
@@ -56,10 +57,12 @@ BUDGET_SCHEMA = pa.schema(
         ("text_ids", pa.list_(pa.int32())),
         ("text_labels", pa.list_(pa.int32())),
         ("image_slots", pa.list_(pa.int32())),
+        ("text_ids_key", pa.string()),  # the tokenizer and system prompt that made text_ids
     ]
 )
 CHUNK_ROWS = 4096  # samples made Python objects at once: memory by chunk, not by shard
-TOKEN_COLUMNS = ("text_ids", "text_labels", "image_slots")  # what only tokenize reads
+# What only tokenize reads.
+TOKEN_COLUMNS = ("text_ids", "text_labels", "image_slots", "text_ids_key")
 COPIES_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("dataset", pa.string()), ("copies", pa.int32())]
 )
@@ -109,8 +112,19 @@ def _tiling_for(dataset: dict, cfg: BudgetConfig) -> TilingParams:
     )
 
 
+def text_ids_key(tokenizer_identity: str, system_prompt: str | None) -> str:
+    """What the template tokeniser's ids depend on besides the sample: the tokenizer (by its
+    files) and the default system prompt. Tokenize reuses the budget's ids only under the
+    same key."""
+    return xxhash.xxh3_64_hexdigest(f"{tokenizer_identity}\0{system_prompt!r}".encode())
+
+
 def budget_rows(
-    rows: list[dict], datasets: dict[str, dict], cfg: BudgetConfig, tokenizer: BatchTokenizer
+    rows: list[dict],
+    datasets: dict[str, dict],
+    cfg: BudgetConfig,
+    tokenizer: BatchTokenizer,
+    ids_key: str | None = None,
 ) -> list[dict]:
     """Budget columns for sample rows (the text of the whole batch tokenised at once)."""
     per_tile = tokens_per_tile(cfg.image_size)
@@ -151,6 +165,7 @@ def budget_rows(
             r["text_ids"] = np.asarray(c.input_ids, dtype=np.int32)
             r["text_labels"] = np.asarray(c.labels, dtype=np.int32)
             r["image_slots"] = c.context_at
+            r["text_ids_key"] = ids_key
     return out
 
 
@@ -184,6 +199,7 @@ class BudgetStage(ShardStage):
 
     def prepare(self, run: RunFolder) -> None:
         self.datasets = run.datasets()
+        self.ids_key = text_ids_key(path_identity(self.tokenizer), self.config.system_prompt)
         check_weights(self.config.weights, self.datasets)  # before tokenising anything
 
     def process(self, shard: ShardInput) -> ShardOutput:
@@ -192,7 +208,7 @@ class BudgetStage(ShardStage):
         parts = [BUDGET_SCHEMA.empty_table()]
         for start in range(0, samples.num_rows, CHUNK_ROWS):  # Python rows of a chunk at a time
             rows = samples.slice(start, CHUNK_ROWS).to_pylist()
-            budget = budget_rows(rows, self.datasets, self.config, tokenizer)
+            budget = budget_rows(rows, self.datasets, self.config, tokenizer, self.ids_key)
             parts.append(pa.Table.from_pylist(budget, schema=BUDGET_SCHEMA))
         return ShardOutput(pa.concat_tables(parts))
 

@@ -26,7 +26,7 @@ from curate.core.images import decode_error
 from curate.core.io import path_identity
 from curate.core.records import LedgerEntry, ledger_table
 from curate.core.stage import ShardInput, ShardOutput, ShardStage, cpu_workers
-from curate.stages.budget.stage import cached_batch_tokenizer
+from curate.stages.budget.stage import cached_batch_tokenizer, text_ids_key
 from curate.stages.budget.tiling import tokens_per_tile
 from curate.stages.pack.config import PackConfig
 from curate.stages.pack.store import TOKENS_ROW_GROUP_ROWS, compact
@@ -140,7 +140,6 @@ def _tokens(tokenizer: BatchTokenizer, chats: list[ChatSample], compact_context:
 
 
 CHUNK_ROWS = 4096
-NOT_GIVEN = object()  # no budget stage named: tokenise the text here
 SAMPLE_COLUMNS = ["sample_id", "dataset", "line", "kind", "images"]
 
 
@@ -174,15 +173,17 @@ class TokenizeStage(ShardStage):
         tokenizer: str | Path,
         image_size: int = 448,
         verify_images: bool = True,
-        budget_system_prompt: str | None | object = NOT_GIVEN,
+        reuse_budget_ids: bool = True,
     ) -> None:
         super().__init__(config)
         self.tokenizer = str(Path(tokenizer).resolve())
         self.image_size = image_size
         self.verify_images = verify_images  # True when no filter stage decodes the pixels
-        # The budget tokenised the same text with the same tokenizer; under the same system
-        # prompt its ids are these samples' ids (no text is tokenised twice).
-        self.reuse_budget_ids = budget_system_prompt == config.system_prompt
+        # The budget tokenised the same text: made with this tokenizer under this system
+        # prompt (its rows' text_ids_key), its ids are these samples' ids; no text is
+        # tokenised twice.
+        self.reuse_budget_ids = reuse_budget_ids
+        self.ids_key = ""
         self.workers = cpu_workers(config.workers)
         self.augment: dict[str, bool] = {}
 
@@ -204,18 +205,19 @@ class TokenizeStage(ShardStage):
 
     def prepare(self, run: RunFolder) -> None:
         self.augment = self._augment(run)
+        self.ids_key = text_ids_key(path_identity(self.tokenizer), self.config.system_prompt)
 
     @staticmethod
     def _augment(run: RunFolder) -> dict[str, bool]:
         return {name: bool(d["data_augment"]) for name, d in run.datasets().items()}
 
     def _budget_has_ids(self, budget: pa.Table) -> bool:
-        # a budget made before it kept its ids, or with a tokenizer it could not batch: none
-        return (
-            self.reuse_budget_ids
-            and "text_ids" in budget.column_names
-            and budget.column("text_ids").null_count == 0
-        )
+        # None: a budget made before it kept its ids, or with a tokenizer it could not batch;
+        # another key: another tokenizer or system prompt than this stage's.
+        if not self.reuse_budget_ids or "text_ids_key" not in budget.column_names:
+            return False
+        keys = budget.column("text_ids_key")
+        return keys.null_count == 0 and bool(pc.all(pc.equal(keys, self.ids_key)).as_py())
 
     def process(self, shard: ShardInput) -> ShardOutput:
         budget, samples = shard.table("budget"), shard.table("samples")

@@ -29,8 +29,7 @@ CFG = dict(max_tokens=8192, max_tiles=40, packs_per_shard=7)
 
 def pack(run: RunFolder, cfg: PackConfig, tokenizer, respects=("filter", "score")):
     """Tokenize and pack ``run`` through the engine; returns pack's StageSummary."""
-    tokenize = TokenizeStage(cfg, tokenizer, budget_system_prompt=cfg.system_prompt)
-    stages = (tokenize, PackStage(cfg, tokenizer, respects=respects))
+    stages = (TokenizeStage(cfg, tokenizer), PackStage(cfg, tokenizer, respects=respects))
     return run_stages(run, *stages)["pack"]
 
 
@@ -290,20 +289,26 @@ def test_packs_read_back_the_full_tokenisation(packed, tokenizer_dir):
             ]
 
 
-def test_tokenize_reuses_the_budget_ids_exactly(packed, tokenizer_dir, run_copy):
-    """Under the budget's system prompt, tokenize takes the budget's compact ids instead of
-    tokenising again: the same rows as tokenising afresh."""
+def test_tokenize_reuses_the_budget_ids_exactly(packed, tokenizer_dir):
+    """Tokenize takes the budget's compact ids (made with its tokenizer and system prompt)
+    instead of tokenising again: the same rows as tokenising afresh. Under another system
+    prompt it tokenises again."""
     run, _ = packed
     cfg = PackConfig(**CFG)
-    reuse = TokenizeStage(cfg, tokenizer_dir, budget_system_prompt=cfg.system_prompt)
-    again = TokenizeStage(cfg, tokenizer_dir)
-    assert reuse.reuse_budget_ids and not again.reuse_budget_ids
-    for stage in (reuse, again):
+    reuse = TokenizeStage(cfg, tokenizer_dir)
+    again = TokenizeStage(cfg, tokenizer_dir, reuse_budget_ids=False)
+    other = TokenizeStage(PackConfig(**CFG, system_prompt="Be brief."), tokenizer_dir)
+    for stage in (reuse, again, other):
         stage.prepare(run)
     for shard in run.shards("tokens"):
         inp = ShardInput(str(run.path), shard, ())
+        budget = inp.table("budget")
+        assert reuse._budget_has_ids(budget) and not other._budget_has_ids(budget)
         a, b = reuse.process(inp), again.process(inp)
         assert a.rows.equals(b.rows) and a.ledger.equals(b.ledger)
+        c = other.process(inp)
+        assert c.rows.column("sample_id").equals(a.rows.column("sample_id"))
+        assert not c.rows.column("input_ids").equals(a.rows.column("input_ids"))
 
 
 def test_review_decisions_change_what_is_packed(budgeted_run, tokenizer_dir, run_copy):
