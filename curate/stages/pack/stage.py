@@ -140,9 +140,9 @@ def truncate_row(row: dict, max_tokens: int, img_start: int, img_end: int) -> di
     }
 
 
-def _truncated_sizes(run: RunFolder, sizes: dict, max_tokens: int, special) -> dict | None:
+def _truncated_sizes(store: TokenStore, sizes: dict, max_tokens: int, special) -> dict | None:
     """A sample over the token cap, cut as ``truncate_row`` does, read from the tokens store."""
-    stored = TokenStore(run.path / "tokens").row(sizes["shard"], sizes["row"])
+    stored = store.row(sizes["shard"], sizes["row"])
     ids, labels = expand(
         stored["input_ids"],
         stored["labels"],
@@ -189,9 +189,10 @@ def _apply_caps(run: RunFolder, sizes: pl.DataFrame, cfg: PackConfig, tokenizer:
     over = (pl.col("n_tokens") > cfg.max_tokens) | (pl.col("tiles") > cfg.max_tiles)
     sizes = sizes.with_row_index("_i")
     entries, cut_rows = [], []
+    store = TokenStore(run.path / "tokens")  # opened once; its row groups are kept
     for row in sizes.filter(over).iter_rows(named=True):
         if cfg.over_cap == "truncate" and row["tiles"] <= cfg.max_tiles:
-            cut = _truncated_sizes(run, row, cfg.max_tokens, _special_ids(tokenizer))
+            cut = _truncated_sizes(store, row, cfg.max_tokens, _special_ids(tokenizer))
             if cut is not None:
                 cut_rows.append(cut)
                 continue

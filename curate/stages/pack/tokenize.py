@@ -224,11 +224,11 @@ class TokenizeStage(ShardStage):
         reuse = self._budget_has_ids(budget)
         if reuse:
             samples = samples.select(SAMPLE_COLUMNS)
-        parts, entries = [TOKENS_SCHEMA.empty_table()], []
+        parts, entries, decoded = [TOKENS_SCHEMA.empty_table()], [], {}
         for start in range(0, samples.num_rows, CHUNK_ROWS):  # Python rows of a chunk at a time
             chunk = samples.slice(start, CHUNK_ROWS).to_pylist()
             rows = self._rows(chunk, _budget_rows(budget, chunk), reuse)
-            bad = unreadable_entries(rows) if self.verify_images else []
+            bad = unreadable_entries(rows, decoded) if self.verify_images else []
             rejected = {e.sample_id for e in bad}
             rows = [r for r in rows if r["sample_id"] not in rejected]
             parts.append(pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA))
@@ -256,10 +256,11 @@ def _budget_rows(budget: pa.Table, samples: list[dict]) -> pa.Table:
     return budget.filter(pc.is_in(budget.column("sample_id"), value_set=ids))
 
 
-def unreadable_entries(rows: list[dict]) -> list[LedgerEntry]:
+def unreadable_entries(rows: list[dict], errors: dict[str, str] | None = None) -> list[LedgerEntry]:
     """``image_unreadable`` rejections of the rows whose images (or frames) cannot be decoded;
-    each file is decoded once however many samples use it."""
-    errors: dict[str, str] = {}
+    each file is decoded once however many samples use it (``errors``: path -> error, "" when
+    it decodes, shared across calls so a shard's chunks decode a file once)."""
+    errors = {} if errors is None else errors
     entries = []
     for r in rows:
         bad = []
